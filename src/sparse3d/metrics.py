@@ -1,0 +1,86 @@
+"""IoU = TP / (TP + FP + FN) per class, on labelled evaluation voxels only (paper Sec. 4.1).
+
+Voxels whose reference is ``ignore_index`` are dropped before counting, whatever was predicted
+there. Counts are accumulated in a confusion matrix so IoU can be pooled over slices, tiles and
+volumes; ``ConfusionIoU`` is the torchmetrics form (synchronised across DDP processes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+
+def confusion_matrix(
+    pred: torch.Tensor | np.ndarray,
+    target: torch.Tensor | np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+) -> np.ndarray:
+    """``(K, K)`` int64 counts, rows = reference class, columns = predicted class.
+
+    ``pred`` and ``target`` have the same shape; voxels with ``target == ignore_index`` are
+    excluded.
+    """
+    p = torch.as_tensor(pred).reshape(-1).long()
+    t = torch.as_tensor(target).reshape(-1).long()
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target differ in size: {p.numel()} vs {t.numel()}")
+    keep = t != ignore_index
+    p, t = p[keep], t[keep]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError("target holds codes that are neither classes nor ignore_index")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
+        raise ValueError("prediction holds codes outside 0..num_classes-1")
+    cm = torch.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+
+
+def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Per-class IoU from a confusion matrix; NaN for a class absent from reference and
+    prediction (TP + FP + FN = 0)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    denom = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def iou_summary(cm: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
+    """``{"iou/<class>": ..., "iou/mean": ..., "labelled_voxels": ...}``; mean over defined
+    classes."""
+    iou = iou_from_confusion(cm)
+    out = {f"iou/{n}": float(v) for n, v in zip(class_names, iou, strict=True)}
+    out["iou/mean"] = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    out["labelled_voxels"] = int(np.asarray(cm).sum())
+    return out
+
+
+class ConfusionIoU(Metric):
+    """torchmetrics accumulator of the labelled-voxel confusion matrix.
+
+    ``update(pred (B, *s) int, target (B, *s) int)``; ``compute() -> (K,)`` per-class IoU (NaN
+    where undefined). ``confusion`` holds the pooled counts.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.add_state(
+            "confusion",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.confusion += torch.from_numpy(cm).to(self.confusion.device)
+
+    def compute(self) -> torch.Tensor:
+        return torch.from_numpy(iou_from_confusion(self.confusion.cpu().numpy()))

@@ -1,0 +1,122 @@
+"""Building blocks of the U-Net: normalisation, double convolution, down and up steps.
+
+Everything works in 2D and 3D (``dim`` in {2, 3}). Shapes: ``(B, C, *spatial)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from sparse3d.crop import center_crop
+
+NORMS = ("batch", "instance", "none")
+BN_EVAL_STATS = ("batch", "running")
+
+
+class PaperBatchNorm(_BatchNorm):
+    """Batch normalisation for any spatial dimension with a selectable test-time behaviour.
+
+    ``eval_stats="batch"`` normalises with the current batch statistics also in eval mode, which
+    the paper found best with batch size 1 (Sec. 2); ``eval_stats="running"`` uses the running
+    (global) statistics as in Ioffe & Szegedy. Training always uses batch statistics and updates
+    the running ones.
+    """
+
+    def __init__(self, num_features: int, eval_stats: str = "batch", **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.eval_stats = eval_stats
+
+    @property
+    def eval_stats(self) -> str:
+        return self._eval_stats
+
+    @eval_stats.setter
+    def eval_stats(self, value: str) -> None:
+        if value not in BN_EVAL_STATS:
+            raise ValueError(f"eval_stats must be one of {BN_EVAL_STATS}, got {value!r}")
+        self._eval_stats = value
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 3:
+            raise ValueError(f"expected a (B, C, *spatial) tensor, got {input.dim()}D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_stats == "batch":
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(input)
+
+
+def make_norm(norm: str, channels: int, dim: int) -> nn.Module:
+    if norm == "batch":
+        return PaperBatchNorm(channels)
+    if norm == "instance":
+        return (nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)(channels, affine=True)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def conv_cls(dim: int) -> type[nn.Module]:
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3, got {dim}")
+    return nn.Conv3d if dim == 3 else nn.Conv2d
+
+
+class DoubleConv(nn.Sequential):
+    """Two ``3^dim`` convolutions, each followed by norm then ReLU (paper Sec. 2: BN before ReLU).
+
+    ``(B, in, *s) -> (B, out, *s')`` with ``s' = s - 4`` (valid) or ``s' = s`` (same).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        dim: int,
+        padding: str,
+        norm: str,
+    ) -> None:
+        conv = conv_cls(dim)
+        pad = 0 if padding == "valid" else 1
+        bias = norm == "none"
+        super().__init__(
+            conv(in_channels, mid_channels, 3, padding=pad, bias=bias),
+            make_norm(norm, mid_channels, dim),
+            nn.ReLU(inplace=True),
+            conv(mid_channels, out_channels, 3, padding=pad, bias=bias),
+            make_norm(norm, out_channels, dim),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Synthesis step: ``2^dim`` stride-2 up-convolution keeping channels (no bias), concatenation
+    with the centre-cropped skip, double convolution (paper Sec. 2, Fig. 2).
+
+    ``(B, c, *s), skip (B, c_skip, *t) -> (B, out, *(2 s - 4))`` (valid padding).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        skip_channels: int,
+        out_channels: int,
+        dim: int,
+        padding: str,
+        norm: str,
+    ) -> None:
+        super().__init__()
+        up = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
+        self.up = up(channels, channels, kernel_size=2, stride=2, bias=False)
+        self.conv = DoubleConv(
+            channels + skip_channels, out_channels, out_channels, dim, padding, norm
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        skip = center_crop(skip, x.shape[2:])
+        return self.conv(torch.cat([skip, x], dim=1))

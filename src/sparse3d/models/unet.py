@@ -1,0 +1,125 @@
+"""The 3D U-Net of Cicek et al. (paper Sec. 2, Fig. 2), and its 2D counterpart.
+
+Analysis path: per level two ``3^dim`` convolutions (each followed by norm, then ReLU), channels
+doubled already before pooling to avoid bottlenecks (3->32->64, 64->64->128, 128->128->256,
+256->256->512), then ``2^dim`` max pooling. Synthesis path: ``2^dim`` stride-2 up-convolution
+keeping channels, concatenation with the centre-cropped skip, two convolutions. A final
+``1^dim`` convolution gives ``num_classes`` logits.
+
+With ``norm="none"`` the paper configuration has exactly 19,069,955 parameters, and with valid
+padding a 132x132x116 (x, y, z) input tile gives a 44x44x28 output tile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sparse3d.models.blocks import DoubleConv, PaperBatchNorm, Up, conv_cls
+from sparse3d.models.geometry import UNetGeometry
+
+
+class UNet(nn.Module):
+    """U-Net for ``dim``-dimensional images; returns logits.
+
+    ``forward``: ``(B, in_channels, *input_spatial) -> (B, num_classes, *output_shape(...))``.
+
+    Args:
+        in_channels: image channels (3 in the paper: lectin, DAPI, beta-catenin).
+        num_classes: label classes, without the ignore code (3 in the paper).
+        base_channels: channels of the first convolution (32 in the paper).
+        depth: resolution levels, ``depth - 1`` poolings (4 in the paper).
+        dim: 3 for the 3D U-Net, 2 for the 2D baseline.
+        padding: ``"valid"`` (paper, seamless overlap-tile) or ``"same"``.
+        norm: ``"batch"`` (paper, BN before each ReLU), ``"instance"`` or ``"none"``.
+        bn_eval_stats: test-time BN statistics, ``"batch"`` (paper's choice for batch size 1)
+            or ``"running"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        base_channels: int = 32,
+        depth: int = 4,
+        dim: int = 3,
+        padding: str = "valid",
+        norm: str = "batch",
+        bn_eval_stats: str = "batch",
+    ) -> None:
+        super().__init__()
+        self.geometry = UNetGeometry(depth=depth, padding=padding)
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.dim = dim
+        pool = nn.MaxPool3d if dim == 3 else nn.MaxPool2d
+
+        self.down = nn.ModuleList()
+        c_in = in_channels
+        skips = []
+        for level in range(depth):
+            mid, out = base_channels * 2**level, base_channels * 2 ** (level + 1)
+            self.down.append(DoubleConv(c_in, mid, out, dim, padding, norm))
+            skips.append(out)
+            c_in = out
+        self.pool = pool(2)
+        self.up = nn.ModuleList()
+        for level in reversed(range(depth - 1)):
+            self.up.append(Up(c_in, skips[level], skips[level], dim, padding, norm))
+            c_in = skips[level]
+        self.head = conv_cls(dim)(c_in, num_classes, kernel_size=1)
+        self.bn_eval_stats = bn_eval_stats
+
+    # -- test-time batch normalisation -------------------------------------------------------
+    @property
+    def bn_eval_stats(self) -> str:
+        return self._bn_eval_stats
+
+    @bn_eval_stats.setter
+    def bn_eval_stats(self, value: str) -> None:
+        for m in self.modules():
+            if isinstance(m, PaperBatchNorm):
+                m.eval_stats = value  # validates
+        self._bn_eval_stats = value
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, PaperBatchNorm) for m in self.modules())
+
+    # -- geometry ----------------------------------------------------------------------------
+    def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial output shape for a spatial input shape; ValueError names the legal sizes."""
+        if len(input_shape) != self.dim:
+            raise ValueError(f"expected a {self.dim}D spatial shape, got {tuple(input_shape)}")
+        return self.geometry.output_shape(input_shape)
+
+    def smallest_input_shape(self) -> tuple[int, ...]:
+        return (self.geometry.smallest_input(),) * self.dim
+
+    def input_shape_for_output(self, output_shape: Sequence[int]) -> tuple[int, ...]:
+        """Smallest legal input shape whose output covers ``output_shape``."""
+        return tuple(self.geometry.input_for_output(int(o)) for o in output_shape)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.geometry.receptive_field()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dim + 2:
+            raise ValueError(f"expected (B, C, {self.dim} spatial axes), got {tuple(x.shape)}")
+        self.output_shape(tuple(x.shape[2:]))  # clear error for an illegal tile
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < len(self.down) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for block, skip in zip(self.up, reversed(skips), strict=True):
+            x = block(x, skip)
+        return self.head(x)
