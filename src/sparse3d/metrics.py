@@ -59,11 +59,11 @@ def iou_summary(cm: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float
     return out
 
 
-class ConfusionIoU(Metric):
+class LabelledConfusion(Metric):
     """torchmetrics accumulator of the labelled-voxel confusion matrix.
 
-    ``update(pred (B, *s) int, target (B, *s) int)``; ``compute() -> (K,)`` per-class IoU (NaN
-    where undefined). ``confusion`` holds the pooled counts.
+    ``update(pred (B, *s) int, target (B, *s) int)``; ``compute() -> (K, K)`` pooled counts
+    (summed over DDP processes); ``iou_from_confusion`` turns them into per-class IoU.
     """
 
     full_state_update = False
@@ -83,4 +83,4 @@ class ConfusionIoU(Metric):
         self.confusion += torch.from_numpy(cm).to(self.confusion.device)
 
     def compute(self) -> torch.Tensor:
-        return torch.from_numpy(iou_from_confusion(self.confusion.cpu().numpy()))
+        return self.confusion.clone()

@@ -1,0 +1,194 @@
+"""Tables 1-3 from run folders: ``python -m sparse3d.report runs/ [--out report.md]`` (layer 3).
+
+Reads only run folders (``metrics.json``), never imports torch. Our IoU (mean over classes on
+the held-out labelled voxels; the paper's protocol) sits beside the paper's number; where a dense
+ground truth existed, the IoU over every voxel is shown too. Several seeds of one cell are
+averaged and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from sparse3d.runfolder import find_runs, read_metrics
+
+PAPER_FILE = Path(__file__).resolve().parents[2] / "experiments" / "paper_results.json"
+MODELS = ("unet3d_nobn", "unet3d", "unet2d")
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for d in find_runs(paths):
+        m = read_metrics(d)
+        if m and m.get("status") == "done":
+            m["_dir"] = str(d)
+            runs.append(m)
+    return runs
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    s = f"{mean(values):.3f}"
+    return s if len(values) == 1 else f"{s} (n={len(values)})"
+
+
+def _iou(run: dict[str, Any], key: str) -> float | None:
+    s = run.get(key)
+    return None if not s else s.get("mean")
+
+
+def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
+    sel = [r for r in runs if r.get("protocol") == protocol]
+    if not sel:
+        return []
+    cols = paper["columns"]
+    models = [m for m in MODELS if any(r["model"] == m for r in sel)]
+    models += sorted({r["model"] for r in sel} - set(models))
+    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in sel:
+        for key in ("heldout", "dense"):
+            v = _iou(r, key)
+            if v is not None:
+                cells[(str(r["fold"]), r["model"], key)].append(v)
+                cells[("average", r["model"], key)].append(v)
+    presets = sorted({r.get("preset", "?") for r in sel})
+    lines = [f"### {title}", "", f"presets: {', '.join(presets)}; IoU = mean over classes.", ""]
+    head = [row_label]
+    for m in models:
+        name = cols.get(m, m)
+        head += [f"{name} ours", f"{name} paper", f"{name} ours, all voxels"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    folds = sorted({str(r["fold"]) for r in sel}, key=int) + ["average"]
+    for f in folds:
+        row = [f if f != "average" else "**average**"]
+        for m in models:
+            p = paper["rows"].get(f, {}).get(m)
+            row += [
+                _cell(cells.get((f, m, "heldout"), [])),
+                "–" if p is None else f"{p:.3f}",
+                _cell(cells.get((f, m, "dense"), [])),
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
+    sel = [r for r in runs if r.get("protocol") == "slice_sweep"]
+    if not sel:
+        return [], {}
+    samples = sorted({int(r["sample"]) for r in sel})
+    cells: dict[tuple[int, int], list[float]] = defaultdict(list)
+    dense: dict[tuple[int, int], list[float]] = defaultdict(list)
+    frac: dict[int, list[float]] = defaultdict(list)
+    for r in sel:
+        v = _iou(r, "heldout")
+        if v is not None:
+            cells[(int(r["setup"]), int(r["sample"]))].append(v)
+        d = _iou(r, "dense")
+        if d is not None:
+            dense[(int(r["setup"]), int(r["sample"]))].append(d)
+        frac[int(r["setup"])].append(r.get("train_voxel_fraction", float("nan")))
+    lines = ["### Table 2 — effect of the number of annotated slices (IoU)", ""]
+    head = ["GT slices", "GT voxels ours", "GT voxels paper"]
+    for s in samples:
+        head += [f"S{s} ours", f"S{s} paper", f"S{s} ours, all voxels"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    curve: dict[str, dict[int, float]] = {}
+    for setup in sorted({int(r["setup"]) for r in sel}):
+        key = str(setup)
+        row = [
+            paper["setups"].get(key, key),
+            f"{100 * mean(frac[setup]):.1f}%",
+            f"{100 * paper['gt_voxels'][key]:.1f}%" if key in paper["gt_voxels"] else "–",
+        ]
+        for s in samples:
+            p = paper["rows"].get(key, {}).get(str(s))
+            row += [
+                _cell(cells.get((setup, s), [])),
+                "–" if p is None else f"{p:.3f}",
+                _cell(dense.get((setup, s), [])),
+            ]
+            if cells.get((setup, s)):
+                curve.setdefault(f"S{s}", {})[setup] = mean(cells[(setup, s)])
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""], curve
+
+
+def _plot(curve: dict[str, dict[int, float]], paper: dict[str, Any], out: Path) -> Path | None:
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    labels = paper["setups"]
+    for i, (name, pts) in enumerate(sorted(curve.items())):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "o-", color=f"C{i}", label=f"{name} ours")
+        s = name[1:]
+        ps = [(int(k), v[s]) for k, v in paper["rows"].items() if s in v]
+        ax.plot([p[0] for p in ps], [p[1] for p in ps], "x--", color=f"C{i}", alpha=0.6,
+                label=f"{name} paper")
+    ax.set_xticks([int(k) for k in labels], [labels[k] for k in labels])
+    ax.set_xlabel("annotated slices (yz, xz, xy)")
+    ax.set_ylabel("IoU (held-out slices)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def build_report(paths: list[Path], out: Path) -> str:
+    paper = json.loads(PAPER_FILE.read_text())
+    runs = load_runs(paths)
+    if not runs:
+        raise SystemExit(f"error: no finished run (metrics.json) under {', '.join(map(str, paths))}")
+    lines = ["# sparse3d results", "", f"{len(runs)} finished runs. Paper: {paper['source']}.", ""]
+    lines += _protocol_table(
+        runs, "semi_cv", paper["semi_cv"],
+        "Table 1 — semi-automated segmentation, 3-fold cross-validation (IoU)", "test slices",
+    )
+    sweep, curve = _sweep_table(runs, paper["slice_sweep"])
+    lines += sweep
+    plot = _plot(curve, paper["slice_sweep"], out.with_suffix(".png"))
+    if plot is not None:
+        lines += [f"![IoU against annotated slices]({plot.name})", ""]
+    lines += _protocol_table(
+        runs, "full_auto", paper["full_auto"],
+        "Table 3 — fully-automated segmentation, leave one volume out (IoU)", "test volume",
+    )
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sparse3d.report", description=__doc__)
+    ap.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="run or sweep folders")
+    ap.add_argument("--out", type=Path, default=None, help="markdown file (default: <first>/report.md)")
+    a = ap.parse_args(argv)
+    out = a.out or (a.paths[0] / "report.md")
+    text = build_report(a.paths, out)
+    sys.stdout.write(text + f"\nwritten: {out}\n")
+
+
+if __name__ == "__main__":
+    main()

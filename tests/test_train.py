@@ -1,0 +1,193 @@
+"""The training system: every config composes, every experiment runs end to end (smoke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from sparse3d.train import CONF_DIR, train
+
+EXPERIMENTS = ("semi_cv", "slice_sweep", "full_auto")
+MODELS = ("unet3d", "unet3d_nobn", "unet2d")
+PRESETS = ("cpu", "paper", "smoke")
+AUGMENTS = ("paper", "none", "monai_elastic", "monai_affine")
+
+
+def _compose(overrides: list[str], hydra_cfg: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_config_composes(experiment, model, preset):
+    from hydra.utils import instantiate
+
+    cfg = _compose([f"experiment={experiment}", f"model={model}", f"preset={preset}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.experiment.name == experiment and cfg.preset_name == preset
+    net = instantiate(cfg.model.net)
+    tile = cfg.data.input_tile if net.dim == 3 else cfg.data.input_tile_2d
+    out = net.output_shape(tuple(tile))  # the preset's tile is legal for the model
+    assert all(o > 0 for o in out)
+
+
+def test_paper_preset_is_the_paper():
+    cfg = _compose(["preset=paper"])
+    assert cfg.trainer.max_steps == 70000 and list(cfg.data.input_tile) == [116, 132, 132]
+    assert cfg.model.net.base_channels == 32 and cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.momentum == 0.99
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_augment_configs_build(augment):
+    from sparse3d.train import build_transform
+
+    cfg = _compose([f"augment={augment}"])
+    t = build_transform(
+        cfg.augment,
+        {"spatial_size": (20, 24, 24), "label_spatial_size": (8, 8, 8),
+         "voxel_size_zyx_um": (2.0, 1.7, 1.7), "ignore_index": 3},
+    )
+    if augment == "none":
+        assert t is None
+        return
+    g = torch.Generator().manual_seed(0)
+    d = t({"image": torch.rand(3, 28, 32, 32, generator=g),
+           "label": torch.randint(0, 4, (28, 32, 32), generator=g)})
+    assert tuple(d["image"].shape) == (3, 20, 24, 24)
+    lab = torch.as_tensor(d["label"])
+    assert set(torch.unique(lab).tolist()) <= {0, 1, 2, 3}
+
+
+def test_slurm_launcher_composes():
+    cfg = _compose(["hydra/launcher=slurm"], hydra_cfg=True)
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_ddp_trainer_config():
+    cfg = _compose(["trainer=ddp"])
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer._target_.endswith("Trainer")
+
+
+# -- end to end -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def _smoke_cfg(data_root: Path, runs: Path, extra: list[str] = ()):
+    cfg = _compose(
+        ["preset=smoke", "logger=none", f"data.root={data_root}", f"runs_root={runs}", *extra]
+    )
+    return cfg
+
+
+def _run_dir(cfg, runs: Path) -> Path:
+    return runs / cfg.run_name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment,model",
+    [("semi_cv", "unet3d"), ("semi_cv", "unet2d"), ("slice_sweep", "unet3d_nobn"),
+     ("full_auto", "unet3d")],
+)
+def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
+    runs = tmp_path / "runs"
+    cfg = _smoke_cfg(smoke_data, runs, [f"experiment={experiment}", f"model={model}"])
+    run_dir = _run_dir(cfg, runs)
+    metrics = train(cfg, run_dir)
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["steps"] == cfg.trainer.max_steps
+    held = on_disk["heldout"]
+    assert set(held["iou"]) == {"inside_tubule", "tubule", "background"}
+    assert 0.0 <= held["mean"] <= 1.0 and held["labelled_voxels"] > 0
+    assert on_disk["dense"] is not None and on_disk["dense"]["labelled_voxels"] > held["labelled_voxels"]
+    for f in ("config.yaml", "split.json", "checkpoints/last.ckpt"):
+        assert (run_dir / f).exists(), f
+    assert list((run_dir / "predictions").glob("*.h5")) and list((run_dir / "predictions").glob("*.png"))
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["test"] and split["train"]
+
+
+@pytest.mark.slow
+def test_finished_job_is_skipped_and_resume_is_exact(smoke_data, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["trainer.max_steps=4", "checkpoint_every_n_steps=2", "data.samples_per_epoch=2"]
+    cfg = _smoke_cfg(smoke_data, runs, common)
+    full_dir = runs / "full"
+    train(cfg, full_dir)
+    stamp = (full_dir / "metrics.json").stat().st_mtime_ns
+    train(cfg, full_dir)  # finished: skipped
+    assert (full_dir / "metrics.json").stat().st_mtime_ns == stamp
+
+    part = runs / "part"
+    train(_smoke_cfg(smoke_data, runs, [*common[:1], "trainer.max_steps=2", *common[1:]]), part)
+    ckpt = part / "checkpoints" / "last.ckpt"
+    resumed = _smoke_cfg(smoke_data, runs, [*common, f"ckpt_path={ckpt}"])
+    train(resumed, part)
+    a = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sparse3d.train", *args],
+        cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["experiment=nonsense"], "unknown experiment 'nonsense'"),
+        (["fold=9"], "fold=9 is out of range"),
+        (["data.input_tile=[45,44,44]"], "nearest legal sizes"),
+        (["data.generate_if_missing=false", "data.root=/nonexistent"], "python -m sparse3d.data.synth"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needle, smoke_data, tmp_path):
+    r = _cli(["preset=smoke", "logger=none", f"data.root={smoke_data}", f"runs_root={tmp_path}",
+              *args], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_with_offline_wandb(smoke_data, tmp_path):
+    r = _cli(["experiment=semi_cv", "fold=1", "preset=smoke", f"data.root={smoke_data}",
+              f"runs_root={tmp_path}"], cwd=tmp_path, env_extra={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = next(tmp_path.rglob("metrics.json")).parent
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_one_model(smoke_data, tmp_path):
+    r = _cli(["preset=smoke", "logger=none", "trainer=ddp", "trainer.accelerator=cpu",
+              "trainer.devices=2", f"data.root={smoke_data}", f"runs_root={tmp_path}"],
+             cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert m["world_size"] == 2 and m["ranks_in_sync"] is True
