@@ -1,0 +1,75 @@
+"""Tests for the overview pictures (orthogonal slices, label overlays, atomic PNG writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from sparse3d.labels import XENOPUS, LabelSpec
+from sparse3d.viz import class_colors, overview_size_px, save_overview
+
+SHAPE = (10, 24, 28)
+
+
+def _data(channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, 10.0, size=(channels, *SHAPE)).astype(np.float32)
+    label = rng.integers(0, 4, size=SHAPE).astype(np.uint8)
+    return image, label
+
+
+def test_overview_png_has_expected_size(tmp_path: Path) -> None:
+    image, label = _data()
+    dense = np.where(label == 3, 2, label).astype(np.uint8)
+    path = save_overview(
+        tmp_path / "o.png",
+        image,
+        label,
+        XENOPUS,
+        title="t",
+        prediction=dense,
+        dense_label=dense,
+        voxel_size_zyx_um=(2.04, 1.76, 1.76),
+        position_zyx=(3, 5, 7),
+    )
+    assert path == tmp_path / "o.png"
+    assert path.stat().st_size > 10_000
+    png = imread(path)
+    w, h = overview_size_px(4)  # image, label, ground truth, prediction blocks
+    assert png.shape[:2] == (h, w)
+    # the picture is not blank: several distinct colours
+    assert len(np.unique(png[..., :3].reshape(-1, 3), axis=0)) > 50
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_overview_channel_counts_and_no_label(tmp_path: Path, channels: int) -> None:
+    image, _ = _data(channels)
+    path = save_overview(tmp_path / f"c{channels}.png", image, None, XENOPUS)
+    assert imread(path).shape[:2] == overview_size_px(1)[::-1]
+
+
+def test_overview_errors_and_overwrite(tmp_path: Path) -> None:
+    image, label = _data()
+    with pytest.raises(ValueError, match="label shape"):
+        save_overview(tmp_path / "a.png", image, label[:-1], XENOPUS)
+    with pytest.raises(ValueError, match="4D"):
+        save_overview(tmp_path / "a.png", image[0], label, XENOPUS)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_overview(tmp_path / "missing" / "a.png", image, label, XENOPUS)
+    p = save_overview(tmp_path / "a.png", image, label, XENOPUS)
+    with pytest.raises(FileExistsError):
+        save_overview(p, image, label, XENOPUS, overwrite=False)
+
+
+def test_class_colors() -> None:
+    c = class_colors(XENOPUS)
+    assert c.shape == (3, 4)
+    np.testing.assert_allclose(c[0, :3], (1.0, 0.9, 0.0))  # inside tubule: yellow
+    assert c[1, 0] == 1.0 and c[1, 1] == 0.0  # tubule: magenta
+    assert c[2, 3] < 0.3  # background: faint
+    other = class_colors(LabelSpec(("a", "b", "c", "d"), 255))
+    assert other.shape == (4, 4) and len({tuple(r) for r in other}) == 4
