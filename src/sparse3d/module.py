@@ -109,17 +109,23 @@ class SegmentationModule(L.LightningModule):
         self.iou_heldout.reset()
         self.iou_dense.reset()
 
-    def evaluation_confusion(self) -> dict[str, np.ndarray]:
-        """Pooled confusion matrices ``{"heldout": (K, K), "dense": (K, K)}`` so far."""
+    def evaluation_confusion(self, sync: bool = True) -> dict[str, np.ndarray]:
+        """Pooled confusion matrices ``{"heldout": (K, K), "dense": (K, K)}`` so far; summed
+        over DDP processes when ``sync`` (every process must call it then)."""
+        if sync:
+            return {
+                "heldout": self.iou_heldout.compute().cpu().numpy(),
+                "dense": self.iou_dense.compute().cpu().numpy(),
+            }
         return {
-            "heldout": self.iou_heldout.compute().cpu().numpy(),
-            "dense": self.iou_dense.compute().cpu().numpy(),
+            "heldout": self.iou_heldout.confusion.cpu().numpy(),
+            "dense": self.iou_dense.confusion.cpu().numpy(),
         }
 
-    def evaluation_scalars(self) -> dict[str, float]:
+    def evaluation_scalars(self, sync: bool = True) -> dict[str, float]:
         """``val/iou_<heldout|dense>/<class|mean>`` for the loggers."""
         out: dict[str, float] = {}
-        for tag, cm in self.evaluation_confusion().items():
+        for tag, cm in self.evaluation_confusion(sync).items():
             if cm.sum() == 0:
                 continue
             iou = iou_from_confusion(cm)

@@ -24,7 +24,7 @@ from sparse3d.runfolder import CONFIG, METRICS, SPLIT, read_metrics, write_json_
 log = logging.getLogger("sparse3d.train")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-PROTOCOLS = ("semi_cv", "slice_sweep", "full_auto")
+PROTOCOLS = ("semi_cv", "slice_sweep", "full_auto", "densify")
 
 
 class UserError(Exception):
@@ -87,6 +87,8 @@ def build_split(cfg: DictConfig, metas: dict[str, Any], shapes: dict[str, tuple[
         if not 1 <= index <= len(splits):
             raise UserError(f"setup={index} is out of range: choose 1..{len(splits)}")
         return splits[index - 1]
+    elif exp.protocol == "densify":
+        return protocols.Split(name="densify", train=annotated, test={}, meta={"protocol": "densify"})
     else:
         raise UserError(f"unknown protocol {exp.protocol!r}: choose one of {PROTOCOLS}")
     if not 1 <= index <= len(splits):
@@ -212,6 +214,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     net_cfg["in_channels"] = len(first.channel_names)
     net_cfg["num_classes"] = labels.num_classes
     net = instantiate(net_cfg)
+    if cfg.get("init_ckpt"):
+        _warm_start(net, Path(str(cfg.init_ckpt)))
     dim = net.dim
     input_tile = tuple(cfg.data.input_tile if dim == 3 else cfg.data.input_tile_2d)
     try:
@@ -219,18 +223,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    transform = None
-    if dim == 3:
-        transform = build_transform(
-            cfg.augment,
-            {
-                "spatial_size": input_tile,
-                "label_spatial_size": output_tile,
-                "voxel_size_zyx_um": tuple(first.voxel_size_zyx_um),
-                "ignore_index": labels.ignore_index,
-            },
-        )
-    margin = (int(cfg.augment.margin),) * 3 if transform is not None else None
+    # 2D slices of all orientations share one (anisotropy-agnostic) pixel grid
+    voxel = tuple(first.voxel_size_zyx_um) if dim == 3 else (1.0, 1.0)
+    transform = build_transform(
+        cfg.augment,
+        {
+            "spatial_size": input_tile,
+            "label_spatial_size": output_tile,
+            "voxel_size_zyx_um": voxel,
+            "ignore_index": labels.ignore_index,
+        },
+    )
+    margin = None if cfg.augment.margin is None else (int(cfg.augment.margin),) * dim
     dm = SparseDataModule(
         volume_paths={n: str(p) for n, p in paths.items()},
         train_slices=split.train,
@@ -300,8 +304,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for batch in dm.val_dataloader():
             module.evaluate_volume(batch)
         for lg in trainer.loggers:
-            lg.log_metrics(module.evaluation_scalars(), step=trainer.global_step)
-        conf = module.evaluation_confusion()
+            lg.log_metrics(module.evaluation_scalars(sync=False), step=trainer.global_step)
+        conf = module.evaluation_confusion(sync=False)
         vox_total = sum(int(np.prod(shapes[n])) for n in split.train)
         vox_train = sum(
             int(slice_mask(shapes[n], {a: tuple(v) for a, v in split.train[n].items()}).sum())
@@ -342,6 +346,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         wandb.finish()
     return metrics
+
+
+def _warm_start(net, path: Path) -> None:
+    """Initialise ``net`` from a model file or checkpoint of the same architecture."""
+    from sparse3d.checkpoint import load_model
+
+    if not path.is_file():
+        raise UserError(f"init_ckpt {path} does not exist")
+    loaded, _ = load_model(path)
+    try:
+        net.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"init_ckpt {path} does not fit the configured model: {first}") from None
+    log.info("warm start from %s", path)
 
 
 def _ranks_in_sync(trainer, module) -> bool:
