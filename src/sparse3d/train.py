@@ -258,7 +258,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     loss = MaskedCrossEntropy(labels.num_classes, labels.ignore_index, weights)
 
     model_meta = {
-        "net": net_cfg,
+        "net": {k: v for k, v in net_cfg.items() if not k.startswith("_")},
         "class_names": list(labels.class_names),
         "ignore_index": labels.ignore_index,
         "channel_names": list(first.channel_names),
@@ -383,12 +383,9 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
 
     from sparse3d.viz import save_overview
 
-    try:
-        from sparse3d.checkpoint import ModelMeta, save_model
+    from sparse3d.checkpoint import ModelMeta, save_model
 
-        save_model(run_dir / "model.pt", module.net, ModelMeta.from_dict(model_meta), overwrite=True)
-    except ImportError:  # pragma: no cover - checkpoint module not present
-        pass
+    save_model(run_dir / "model.pt", module.net, ModelMeta.from_dict(model_meta), overwrite=True)
     pred_dir = run_dir / "predictions"
     pred_dir.mkdir(exist_ok=True)
     pictures = {}
@@ -407,6 +404,9 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
             labels,
             title=f"{metrics['experiment']} {metrics['model']} {name}: test slices / prediction",
             prediction=pred,
+            voxel_size_zyx_um=model_meta["voxel_size_zyx_um"],
+            dense_label=vol.dense_label,
+            channel_names=model_meta["channel_names"],
         )
     if wandb_logger is not None:
         rows = []

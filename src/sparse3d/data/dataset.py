@@ -1,0 +1,381 @@
+"""Torch datasets of training tiles from sparsely annotated volumes (layer 1, no Lightning).
+
+:class:`TileDataset` serves 3D tiles for the 3D u-net: the network input tile (image, with
+mirrored context at the volume border, Sec. 2 / the u-net's overlap-tile) and the label on the
+network's OUTPUT tile (valid convolutions: the output is a centred crop of the input). Positions
+are drawn around annotated voxels (:class:`~sparse3d.data.tiles.TileSampler`), volumes in
+proportion to their annotated voxels, so every item has labelled voxels to learn from (Sec. 3.2:
+unlabelled voxels have loss weight 0).
+
+:class:`SliceDataset` is the paper's 2D baseline (Sec. 4: "a pure 2D implementation, that treats
+all labelled slices as independent images"): every annotated xy, xz and yz slice is a separate
+2D image, and 2D tiles are drawn inside it.
+
+Normalisation is left to the caller: normalise each whole volume once (e.g.
+:func:`sparse3d.data.normalize.normalize_volume`) before building a dataset, so training and
+prediction see the same intensities.
+
+Reproducibility: item ``i`` of epoch ``e`` draws everything (volume, position, augmentation) from
+``numpy.random.default_rng([seed, e, i])``, so results do not depend on the number of DataLoader
+workers or the order items are fetched in. Call :meth:`set_epoch` at the start of each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Randomizable
+from torch.utils.data import Dataset
+
+from sparse3d.data.tiles import TileSampler, extract_tile, input_start
+from sparse3d.data.transforms import RandPaperDeformd
+
+log = logging.getLogger(__name__)
+
+AXES = ("z", "y", "x")
+
+
+def _arrays(volume: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, label)`` from a pair or an object with ``.image`` / ``.label`` (VolumeArrays)."""
+    if hasattr(volume, "image") and hasattr(volume, "label"):
+        image, label = volume.image, volume.label
+    else:
+        image, label = volume
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    label = np.ascontiguousarray(label)
+    if image.ndim != 4 or label.ndim != 3 or image.shape[1:] != label.shape:
+        raise ValueError(
+            f"dataset: need image (C, Z, Y, X) and label (Z, Y, X) of the same spatial shape, "
+            f"got {image.shape} and {label.shape}"
+        )
+    return image, label
+
+
+def _split_transform(transform: Callable | None) -> tuple[RandPaperDeformd | None, Callable | None]:
+    """``(deform, rest)``: a leading :class:`RandPaperDeformd` (cut + deformed straight from the
+    volume in one resampling) and whatever follows it (applied to the tile)."""
+    if isinstance(transform, RandPaperDeformd):
+        return transform, None
+    if isinstance(transform, Compose) and transform.transforms:
+        first = transform.transforms[0]
+        if isinstance(first, RandPaperDeformd):
+            rest = list(transform.transforms[1:])
+            return first, (Compose(rest) if rest else None)
+    return None, transform
+
+
+def _find_deform(transform: Any) -> RandPaperDeformd | None:
+    if isinstance(transform, RandPaperDeformd):
+        return transform
+    for t in getattr(transform, "transforms", ()) or ():
+        found = _find_deform(t)
+        if found is not None:
+            return found
+    return None
+
+
+def _seed(transform: Any, rng: np.random.Generator) -> None:
+    if isinstance(transform, (Randomizable, Compose)):
+        transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
+
+
+def _own(x: Any, source: np.ndarray) -> torch.Tensor:
+    """``x`` as a tensor that does not share memory with the volume ``source``."""
+    if torch.is_tensor(x):
+        return x
+    x = np.ascontiguousarray(x)
+    if np.may_share_memory(x, source):
+        x = x.copy()
+    return torch.from_numpy(x)
+
+
+def _centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Centred crop of the trailing ``len(size)`` axes (offset ``(have - want) // 2``)."""
+    lead = x.ndim - len(size)
+    index = [slice(None)] * lead
+    for have, want in zip(x.shape[lead:], size, strict=True):
+        if have < want:
+            raise ValueError(f"dataset: cannot crop {tuple(x.shape)} to {tuple(size)}")
+        off = (have - want) // 2
+        index.append(slice(off, off + want))
+    return x[tuple(index)]
+
+
+class _TileSource:
+    """Shared machinery: draw a position, cut (and augment) a tile, check its shapes."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        output_shape: tuple[int, ...],
+        transform: Callable | None,
+        ignore_index: int,
+        margin: Sequence[int] | None,
+    ) -> None:
+        self.input_shape = input_shape
+        self.output_shape = output_shape
+        self.ignore_index = int(ignore_index)
+        self.transform = transform
+        self.deform, self.rest = _split_transform(transform)
+        nd = len(input_shape)
+        if self.deform is not None:
+            if self.deform.spatial_size != input_shape:
+                raise ValueError(
+                    f"dataset: RandPaperDeformd spatial_size {self.deform.spatial_size} must be "
+                    f"the input tile {input_shape}"
+                )
+            if self.deform.label_spatial_size not in (None, output_shape):
+                raise ValueError(
+                    f"dataset: RandPaperDeformd label_spatial_size "
+                    f"{self.deform.label_spatial_size} must be the output tile {output_shape}"
+                )
+        if margin is None:
+            inner = _find_deform(transform) if self.deform is None else None
+            margin = inner.required_margin_zyx(input_shape) if inner is not None else (0,) * nd
+        self.margin = tuple(int(m) for m in margin)
+        if len(self.margin) != nd:
+            raise ValueError(f"dataset: margin {self.margin} needs {nd} entries")
+
+    def tile(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        out_start: Sequence[int],
+        rng: np.random.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """Image ``(C, *input)`` float32 and label ``(*output)`` int64 for an output position."""
+        if self.deform is not None:
+            _seed(self.deform, rng)
+            key = self.deform.start_key
+            d = {
+                "image": torch.from_numpy(image),
+                "label": torch.from_numpy(label),
+                key: input_start(out_start, self.input_shape, self.output_shape),
+            }
+            d = self.deform(d)
+            d.pop(key, None)
+            if self.rest is not None:
+                _seed(self.rest, rng)
+                d = self.rest(d)
+        else:
+            margin = self.margin if self.transform is not None else (0,) * len(self.margin)
+            img, lab = extract_tile(
+                image, label, out_start, self.input_shape, self.output_shape, margin,
+                self.ignore_index,
+            )  # fmt: skip
+            d = {"image": img, "label": lab}
+            if self.transform is not None:
+                _seed(self.transform, rng)
+                d = self.transform(d)
+        img, lab = _own(d["image"], image), _own(d["label"], label)
+        if lab.ndim == len(self.output_shape) + 1 and lab.shape[0] == 1:
+            lab = lab[0]
+        if tuple(img.shape[1:]) != self.input_shape:
+            img = _centre_crop(img, self.input_shape)
+        if tuple(lab.shape) != self.output_shape:
+            lab = _centre_crop(lab, self.output_shape)
+        return {
+            "image": img.to(torch.float32).contiguous(),
+            "label": lab.to(torch.int64).contiguous(),
+        }
+
+
+class TileDataset(Dataset):
+    """Random 3D training tiles for a valid-convolution network.
+
+    Args:
+        volumes: in-memory volumes, each ``(image (C, Z, Y, X) float32, label (Z, Y, X))`` or an
+            object with ``.image`` / ``.label`` (e.g. ``VolumeArrays``); images already
+            normalised.
+        input_zyx: network input tile (paper: 116 x 132 x 132 in z, y, x).
+        output_zyx: the output tile the network gives for it (paper: 28 x 44 x 44).
+        samples_per_epoch: dataset length.
+        transform: callable on ``{"image", "label"}`` or ``None``. A :class:`RandPaperDeformd`
+            (alone or first in a ``Compose``) must have ``spatial_size=input_zyx`` and
+            ``label_spatial_size=output_zyx``; it cuts the tile straight from the volume (image
+            mirrored, label ignore outside the volume) in the same resampling. Any other
+            transform gets the input tile plus ``margin_zyx`` (image mirrored, label ignore) and
+            its result is centre-cropped to the input / output tile.
+        ignore_index: label code of unlabelled voxels.
+        seed: base seed (items use ``default_rng([seed, epoch, index])``).
+        margin_zyx: context per side for a generic transform; ``None``: the
+            ``required_margin_zyx`` of a ``RandPaperDeformd`` inside it, else 0.
+
+    Items: ``{"image": float32 (C, Zi, Yi, Xi), "label": int64 (Zo, Yo, Xo)}``.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Any],
+        input_zyx: Sequence[int],
+        output_zyx: Sequence[int],
+        samples_per_epoch: int,
+        transform: Callable | None = None,
+        ignore_index: int = 3,
+        seed: int = 0,
+        margin_zyx: Sequence[int] | None = None,
+    ) -> None:
+        if not volumes:
+            raise ValueError("dataset: TileDataset needs at least one volume")
+        if samples_per_epoch < 1:
+            raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.input_zyx = tuple(int(v) for v in input_zyx)
+        self.output_zyx = tuple(int(v) for v in output_zyx)
+        if len(self.input_zyx) != 3 or len(self.output_zyx) != 3:
+            raise ValueError("dataset: input_zyx and output_zyx need 3 entries")
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.ignore_index = int(ignore_index)
+        self.volumes = [_arrays(v) for v in volumes]
+        self.samplers = []
+        counts = []
+        for i, (_, label) in enumerate(self.volumes):
+            mask = label != self.ignore_index
+            counts.append(int(np.count_nonzero(mask)))
+            if counts[-1] == 0:
+                log.warning("dataset: volume %d has no annotated voxel; never sampled", i)
+                self.samplers.append(None)
+                continue
+            self.samplers.append(
+                TileSampler(label.shape, self.input_zyx, self.output_zyx, mask, seed, "labelled")
+            )
+        total = sum(counts)
+        if total == 0:
+            raise ValueError("dataset: no volume has annotated voxels")
+        self.volume_weights = np.asarray(counts, dtype=np.float64) / total
+        self._source = _TileSource(
+            self.input_zyx, self.output_zyx, transform, ignore_index, margin_zyx
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose items ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.samples_per_epoch:
+            raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        v = int(rng.choice(len(self.volumes), p=self.volume_weights))
+        image, label = self.volumes[v]
+        out_start = self.samplers[v].sample(rng)
+        return self._source.tile(image, label, out_start, rng)
+
+
+class SliceDataset(Dataset):
+    """The paper's 2D baseline: annotated slices of all orientations as independent images.
+
+    Every annotated xy (index along z), xz (along y) and yz (along x) slice becomes a 2D image
+    ``(C, H, W)``: xy -> ``(Y, X)``, xz -> ``(Z, X)``, yz -> ``(Z, Y)``. Slices are chosen in
+    proportion to their annotated pixels, 2D tiles around annotated pixels inside the slice.
+    Anisotropy-agnostic: xz / yz slices keep their native (anisotropic) pixel grid; nothing is
+    resampled, and one 2D transform (e.g. a 2D :class:`RandPaperDeformd`) serves all
+    orientations.
+
+    Args:
+        volumes: as for :class:`TileDataset`.
+        annotated_slices: per volume ``{"z": (...), "y": (...), "x": (...)}`` slice indices;
+            ``None``: each volume's ``.meta.annotated_slices``.
+        input_yx / output_yx: 2D network input tile and the output tile it gives.
+        samples_per_epoch, transform, ignore_index, seed: as for :class:`TileDataset` (2D).
+        margin_yx: as ``margin_zyx`` of :class:`TileDataset`.
+
+    Items: ``{"image": float32 (C, Hi, Wi), "label": int64 (Ho, Wo)}``.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Any],
+        annotated_slices: Sequence[Mapping[str, Sequence[int]]] | None,
+        input_yx: Sequence[int],
+        output_yx: Sequence[int],
+        samples_per_epoch: int,
+        transform: Callable | None = None,
+        ignore_index: int = 3,
+        seed: int = 0,
+        margin_yx: Sequence[int] | None = None,
+    ) -> None:
+        if not volumes:
+            raise ValueError("dataset: SliceDataset needs at least one volume")
+        if samples_per_epoch < 1:
+            raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        if annotated_slices is None:
+            try:
+                annotated_slices = [v.meta.annotated_slices for v in volumes]
+            except AttributeError as err:
+                raise ValueError(
+                    "dataset: annotated_slices not given and volumes have no .meta"
+                ) from err
+        if len(annotated_slices) != len(volumes):
+            raise ValueError("dataset: need one annotated_slices mapping per volume")
+        self.input_yx = tuple(int(v) for v in input_yx)
+        self.output_yx = tuple(int(v) for v in output_yx)
+        if len(self.input_yx) != 2 or len(self.output_yx) != 2:
+            raise ValueError("dataset: input_yx and output_yx need 2 entries")
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.ignore_index = int(ignore_index)
+        self.volumes = [_arrays(v) for v in volumes]
+        self.slices: list[tuple[int, str, int]] = []
+        self.samplers: list[TileSampler] = []
+        counts = []
+        for v, ((_image, label), annotated) in enumerate(
+            zip(self.volumes, annotated_slices, strict=True)
+        ):
+            for axis, indices in annotated.items():
+                if axis not in AXES:
+                    raise ValueError(f"dataset: slice axis must be one of {AXES}, got {axis!r}")
+                for k in indices:
+                    if not 0 <= int(k) < label.shape[AXES.index(axis)]:
+                        raise ValueError(f"dataset: volume {v} has no {axis} slice {k}")
+                    mask = self._plane(label, axis, int(k)) != self.ignore_index
+                    n = int(np.count_nonzero(mask))
+                    if n == 0:
+                        log.warning("dataset: volume %d %s slice %d has no labels", v, axis, k)
+                        continue
+                    self.slices.append((v, axis, int(k)))
+                    counts.append(n)
+                    self.samplers.append(
+                        TileSampler(mask.shape, self.input_yx, self.output_yx, mask, seed)
+                    )
+        if not self.slices:
+            raise ValueError("dataset: no annotated slice with labelled pixels")
+        self.slice_weights = np.asarray(counts, dtype=np.float64) / sum(counts)
+        self._source = _TileSource(
+            self.input_yx, self.output_yx, transform, ignore_index, margin_yx
+        )
+
+    @staticmethod
+    def _plane(array: np.ndarray, axis: str, index: int) -> np.ndarray:
+        """Slice ``index`` along ``axis`` of a ``(..., Z, Y, X)`` array (a view)."""
+        lead = array.ndim - 3
+        sel = [slice(None)] * array.ndim
+        sel[lead + AXES.index(axis)] = index
+        return array[tuple(sel)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose items ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.samples_per_epoch:
+            raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        s = int(rng.choice(len(self.slices), p=self.slice_weights))
+        v, axis, k = self.slices[s]
+        image, label = self.volumes[v]
+        out_start = self.samplers[s].sample(rng)
+        return self._source.tile(
+            self._plane(image, axis, k), self._plane(label, axis, k), out_start, rng
+        )
