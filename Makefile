@@ -54,7 +54,7 @@ data: install ## generate the synthetic Xenopus-kidney benchmark into $(DATA)/
 	$(PY) -m sparse3d.data.synth --out $(DATA)
 
 demo: install ## semi-automated demo: sparse slices in, dense segmentation + IoU + picture out
-	@echo "make demo is not wired up yet (see README: coming with the inference issue)"; exit 1
+	$(PY) -m sparse3d.densify out=densified overwrite=true
 
 clean: ## remove caches (keeps data/ and outputs/)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

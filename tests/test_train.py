@@ -57,15 +57,23 @@ def test_augment_configs_build(augment):
     cfg = _compose([f"augment={augment}"])
     t = build_transform(
         cfg.augment,
-        {"spatial_size": (20, 24, 24), "label_spatial_size": (8, 8, 8),
-         "voxel_size_zyx_um": (2.0, 1.7, 1.7), "ignore_index": 3},
+        {
+            "spatial_size": (20, 24, 24),
+            "label_spatial_size": (8, 8, 8),
+            "voxel_size_zyx_um": (2.0, 1.7, 1.7),
+            "ignore_index": 3,
+        },
     )
     if augment == "none":
         assert t is None
         return
     g = torch.Generator().manual_seed(0)
-    d = t({"image": torch.rand(3, 28, 32, 32, generator=g),
-           "label": torch.randint(0, 4, (28, 32, 32), generator=g)})
+    d = t(
+        {
+            "image": torch.rand(3, 28, 32, 32, generator=g),
+            "label": torch.randint(0, 4, (28, 32, 32), generator=g),
+        }
+    )
     assert tuple(d["image"].shape) == (3, 20, 24, 24)
     lab = torch.as_tensor(d["label"])
     assert set(torch.unique(lab).tolist()) <= {0, 1, 2, 3}
@@ -102,8 +110,12 @@ def _run_dir(cfg, runs: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment,model",
-    [("semi_cv", "unet3d"), ("semi_cv", "unet2d"), ("slice_sweep", "unet3d_nobn"),
-     ("full_auto", "unet3d")],
+    [
+        ("semi_cv", "unet3d"),
+        ("semi_cv", "unet2d"),
+        ("slice_sweep", "unet3d_nobn"),
+        ("full_auto", "unet3d"),
+    ],
 )
 def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
     runs = tmp_path / "runs"
@@ -116,10 +128,15 @@ def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
     held = on_disk["heldout"]
     assert set(held["iou"]) == {"inside_tubule", "tubule", "background"}
     assert 0.0 <= held["mean"] <= 1.0 and held["labelled_voxels"] > 0
-    assert on_disk["dense"] is not None and on_disk["dense"]["labelled_voxels"] >= held["labelled_voxels"]
+    assert (
+        on_disk["dense"] is not None
+        and on_disk["dense"]["labelled_voxels"] >= held["labelled_voxels"]
+    )
     for f in ("config.yaml", "split.json", "checkpoints/last.ckpt"):
         assert (run_dir / f).exists(), f
-    assert list((run_dir / "predictions").glob("*.h5")) and list((run_dir / "predictions").glob("*.png"))
+    assert list((run_dir / "predictions").glob("*.h5")) and list(
+        (run_dir / "predictions").glob("*.png")
+    )
     split = json.loads((run_dir / "split.json").read_text())
     assert split["test"] and split["train"]
 
@@ -151,7 +168,11 @@ def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int
     env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "sparse3d.train", *args],
-        cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -161,12 +182,17 @@ def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int
         (["experiment=nonsense"], "unknown experiment 'nonsense'"),
         (["fold=9"], "fold=9 is out of range"),
         (["data.input_tile=[45,44,44]"], "nearest legal sizes"),
-        (["data.generate_if_missing=false", "data.root=/nonexistent"], "python -m sparse3d.data.synth"),
+        (
+            ["data.generate_if_missing=false", "data.root=/nonexistent"],
+            "python -m sparse3d.data.synth",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle, smoke_data, tmp_path):
-    r = _cli(["preset=smoke", "logger=none", f"data.root={smoke_data}", f"runs_root={tmp_path}",
-              *args], cwd=tmp_path)
+    r = _cli(
+        ["preset=smoke", "logger=none", f"data.root={smoke_data}", f"runs_root={tmp_path}", *args],
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
@@ -175,8 +201,17 @@ def test_bad_input_is_one_clear_line(args, needle, smoke_data, tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_offline_wandb(smoke_data, tmp_path):
-    r = _cli(["experiment=semi_cv", "fold=1", "preset=smoke", f"data.root={smoke_data}",
-              f"runs_root={tmp_path}"], cwd=tmp_path, env_extra={"WANDB_MODE": "offline"})
+    r = _cli(
+        [
+            "experiment=semi_cv",
+            "fold=1",
+            "preset=smoke",
+            f"data.root={smoke_data}",
+            f"runs_root={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env_extra={"WANDB_MODE": "offline"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = next(tmp_path.rglob("metrics.json")).parent
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -185,9 +220,19 @@ def test_cli_with_offline_wandb(smoke_data, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_one_model(smoke_data, tmp_path):
-    r = _cli(["preset=smoke", "logger=none", "trainer=ddp", "trainer.accelerator=cpu",
-              "trainer.devices=2", f"data.root={smoke_data}", f"runs_root={tmp_path}"],
-             cwd=tmp_path, timeout=600)
+    r = _cli(
+        [
+            "preset=smoke",
+            "logger=none",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"data.root={smoke_data}",
+            f"runs_root={tmp_path}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert m["world_size"] == 2 and m["ranks_in_sync"] is True

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sparse3d.data.annotation import slice_mask
 from sparse3d.data.dataset import SliceDataset, TileDataset
-from sparse3d.data.normalize import channel_percentiles, apply_percentiles
+from sparse3d.data.normalize import apply_percentiles, channel_percentiles
 from sparse3d.data.volume import load_volume
 from sparse3d.labels import LabelSpec
 

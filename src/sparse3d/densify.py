@@ -39,8 +39,12 @@ def _configure_inputs(cfg: DictConfig) -> None:
                     )
                 paths[p.stem] = str(p)
             cfg.data = OmegaConf.create(
-                {**OmegaConf.to_container(cfg.data), "kind": "files", "paths": paths,
-                 "volumes": list(paths)}
+                {
+                    **OmegaConf.to_container(cfg.data),
+                    "kind": "files",
+                    "paths": paths,
+                    "volumes": list(paths),
+                }
             )
         else:
             cfg.data.volumes = list(cfg.demo_volumes)
@@ -70,7 +74,10 @@ def densify(cfg: DictConfig) -> dict[str, Any]:
         seg = targets[name]
         png = seg.with_suffix(".png")
         predictor.predict_file(
-            src, seg, save_probabilities=bool(cfg.save_probabilities), overview_png=png,
+            src,
+            seg,
+            save_probabilities=bool(cfg.save_probabilities),
+            overview_png=png,
             overwrite=bool(cfg.overwrite),
         )
         entry: dict[str, Any] = {"segmentation": str(seg), "picture": str(png)}
@@ -98,7 +105,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{name}: picture            {e['picture']}")
         u = e.get("unannotated")
         if u:
-            per = ", ".join(f"{k[4:]} {v:.3f}" for k, v in u.items() if k.startswith("iou/") and k != "iou/mean")
+            per = ", ".join(
+                f"{k[4:]} {v:.3f}" for k, v in u.items() if k.startswith("iou/") and k != "iou/mean"
+            )
             print(
                 f"{name}: IoU on the {100 * (1 - e['annotated_fraction']):.1f}% of voxels nobody "
                 f"annotated: mean {u['iou/mean']:.3f} ({per})"

@@ -137,8 +137,14 @@ def _plot(curve: dict[str, dict[int, float]], paper: dict[str, Any], out: Path) 
         ax.plot(xs, [pts[x] for x in xs], "o-", color=f"C{i}", label=f"{name} ours")
         s = name[1:]
         ps = [(int(k), v[s]) for k, v in paper["rows"].items() if s in v]
-        ax.plot([p[0] for p in ps], [p[1] for p in ps], "x--", color=f"C{i}", alpha=0.6,
-                label=f"{name} paper")
+        ax.plot(
+            [p[0] for p in ps],
+            [p[1] for p in ps],
+            "x--",
+            color=f"C{i}",
+            alpha=0.6,
+            label=f"{name} paper",
+        )
     ax.set_xticks([int(k) for k in labels], [labels[k] for k in labels])
     ax.set_xlabel("annotated slices (yz, xz, xy)")
     ax.set_ylabel("IoU (held-out slices)")
@@ -157,11 +163,16 @@ def build_report(paths: list[Path], out: Path) -> str:
     paper = json.loads(PAPER_FILE.read_text())
     runs = load_runs(paths)
     if not runs:
-        raise SystemExit(f"error: no finished run (metrics.json) under {', '.join(map(str, paths))}")
+        raise SystemExit(
+            f"error: no finished run (metrics.json) under {', '.join(map(str, paths))}"
+        )
     lines = ["# sparse3d results", "", f"{len(runs)} finished runs. Paper: {paper['source']}.", ""]
     lines += _protocol_table(
-        runs, "semi_cv", paper["semi_cv"],
-        "Table 1 — semi-automated segmentation, 3-fold cross-validation (IoU)", "test slices",
+        runs,
+        "semi_cv",
+        paper["semi_cv"],
+        "Table 1 — semi-automated segmentation, 3-fold cross-validation (IoU)",
+        "test slices",
     )
     sweep, curve = _sweep_table(runs, paper["slice_sweep"])
     lines += sweep
@@ -169,8 +180,11 @@ def build_report(paths: list[Path], out: Path) -> str:
     if plot is not None:
         lines += [f"![IoU against annotated slices]({plot.name})", ""]
     lines += _protocol_table(
-        runs, "full_auto", paper["full_auto"],
-        "Table 3 — fully-automated segmentation, leave one volume out (IoU)", "test volume",
+        runs,
+        "full_auto",
+        paper["full_auto"],
+        "Table 3 — fully-automated segmentation, leave one volume out (IoU)",
+        "test volume",
     )
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +196,12 @@ def build_report(paths: list[Path], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sparse3d.report", description=__doc__)
-    ap.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="run or sweep folders")
-    ap.add_argument("--out", type=Path, default=None, help="markdown file (default: <first>/report.md)")
+    ap.add_argument(
+        "paths", nargs="*", type=Path, default=[Path("runs")], help="run or sweep folders"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="markdown file (default: <first>/report.md)"
+    )
     a = ap.parse_args(argv)
     out = a.out or (a.paths[0] / "report.md")
     text = build_report(a.paths, out)

@@ -52,15 +52,21 @@ def resolve_volumes(data_cfg: DictConfig) -> dict[str, Path]:
                 )
             from sparse3d.data.synth import generate_benchmark
 
-            log.info("generating the synthetic benchmark (scale %s) into %s", data_cfg.scale, folder)
-            generate_benchmark(folder, scale=float(data_cfg.scale), seed=int(data_cfg.generator_seed))
+            log.info(
+                "generating the synthetic benchmark (scale %s) into %s", data_cfg.scale, folder
+            )
+            generate_benchmark(
+                folder, scale=float(data_cfg.scale), seed=int(data_cfg.generator_seed)
+            )
         return paths
     paths = {str(n): Path(p) for n, p in data_cfg.paths.items()}
     if not paths:
         raise UserError("no volumes given: set data.paths={name: file.h5, ...}")
     for p in paths.values():
         if not p.is_file():
-            raise UserError(f"missing data file {p}: convert your data with python -m sparse3d.data.convert")
+            raise UserError(
+                f"missing data file {p}: convert your data with python -m sparse3d.data.convert"
+            )
     return paths
 
 
@@ -88,7 +94,9 @@ def build_split(cfg: DictConfig, metas: dict[str, Any], shapes: dict[str, tuple[
             raise UserError(f"setup={index} is out of range: choose 1..{len(splits)}")
         return splits[index - 1]
     elif exp.protocol == "densify":
-        return protocols.Split(name="densify", train=annotated, test={}, meta={"protocol": "densify"})
+        return protocols.Split(
+            name="densify", train=annotated, test={}, meta={"protocol": "densify"}
+        )
     else:
         raise UserError(f"unknown protocol {exp.protocol!r}: choose one of {PROTOCOLS}")
     if not 1 <= index <= len(splits):
@@ -169,7 +177,9 @@ def _summary(cm: np.ndarray | None, class_names: tuple[str, ...]) -> dict[str, A
         return None
     iou = iou_from_confusion(cm)
     return {
-        "iou": {n: (float(v) if np.isfinite(v) else None) for n, v in zip(class_names, iou, strict=True)},
+        "iou": {
+            n: (float(v) if np.isfinite(v) else None) for n, v in zip(class_names, iou, strict=True)
+        },
         "mean": float(np.nanmean(iou)),
         "labelled_voxels": int(np.asarray(cm).sum()),
         "confusion": np.asarray(cm).astype(int).tolist(),
@@ -179,7 +189,6 @@ def _summary(cm: np.ndarray | None, class_names: tuple[str, ...]) -> dict[str, A
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train one job of an experiment and evaluate it; returns what is in ``metrics.json``."""
     import lightning as L
-    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -193,7 +202,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     done = read_metrics(run_dir)
     if done is not None and not cfg.force and cfg.ckpt_path is None:
-        log.info("%s already finished (metrics.json present): skipped; force=true re-runs it", run_dir)
+        log.info(
+            "%s already finished (metrics.json present): skipped; force=true re-runs it", run_dir
+        )
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -254,7 +265,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dm.setup()
     counts = dm.train_class_counts()
     cw = cfg.loss.class_weights
-    weights = balanced_class_weights(counts) if cw == "balanced" else (None if cw is None else list(cw))
+    weights = (
+        balanced_class_weights(counts) if cw == "balanced" else (None if cw is None else list(cw))
+    )
     loss = MaskedCrossEntropy(labels.num_classes, labels.ignore_index, weights)
 
     model_meta = {
@@ -370,7 +383,9 @@ def _ranks_in_sync(trainer, module) -> bool:
     with torch.no_grad():
         total = torch.stack([p.detach().double().sum() for p in module.net.parameters()]).sum()
     gathered = trainer.strategy.all_gather(total.to(module.device))
-    return bool(torch.allclose(gathered.reshape(-1), gathered.reshape(-1)[0].expand(gathered.numel())))
+    return bool(
+        torch.allclose(gathered.reshape(-1), gathered.reshape(-1)[0].expand(gathered.numel()))
+    )
 
 
 def _fmt(s: dict[str, Any] | None) -> str:
@@ -381,9 +396,8 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
     """Model file, predicted volumes and overview pictures; W&B tables and images."""
     import h5py
 
-    from sparse3d.viz import save_overview
-
     from sparse3d.checkpoint import ModelMeta, save_model
+    from sparse3d.viz import save_overview
 
     save_model(run_dir / "model.pt", module.net, ModelMeta.from_dict(model_meta), overwrite=True)
     pred_dir = run_dir / "predictions"
@@ -414,11 +428,11 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
             s = metrics.get(tag)
             if s:
                 rows.append([tag, *[s["iou"][n] for n in labels.class_names], s["mean"]])
-        wandb_logger.log_table(
-            "iou", columns=["voxels", *labels.class_names, "mean"], data=rows
-        )
+        wandb_logger.log_table("iou", columns=["voxels", *labels.class_names, "mean"], data=rows)
         if pictures:
-            wandb_logger.log_image("panels", [str(p) for p in pictures.values()], caption=list(pictures))
+            wandb_logger.log_image(
+                "panels", [str(p) for p in pictures.values()], caption=list(pictures)
+            )
 
 
 # -- command line ----------------------------------------------------------------------------

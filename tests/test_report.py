@@ -1,0 +1,75 @@
+"""The report reads run folders only and lays out Tables 1-3."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sparse3d.report import build_report
+from sparse3d.runfolder import find_runs, write_json_atomic
+
+
+def _run(root: Path, protocol: str, model: str, fold=1, sample=1, setup=1, iou=0.5, seed=0):
+    d = root / protocol / model / f"f{fold}-s{sample}-u{setup}-seed{seed}"
+    summary = {"iou": {"a": iou, "b": iou}, "mean": iou, "labelled_voxels": 10, "confusion": []}
+    write_json_atomic(
+        d / "metrics.json",
+        {
+            "status": "done",
+            "experiment": protocol,
+            "protocol": protocol,
+            "model": model,
+            "preset": "cpu",
+            "fold": fold,
+            "sample": sample,
+            "setup": setup,
+            "seed": seed,
+            "heldout": summary,
+            "dense": {**summary, "mean": iou - 0.1},
+            "train_voxel_fraction": 0.03 * setup,
+        },
+    )
+    return d
+
+
+def test_tables_and_plot(tmp_path):
+    for fold, v in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        _run(tmp_path, "semi_cv", "unet3d", fold=fold, iou=v)
+    _run(tmp_path, "semi_cv", "unet3d", fold=1, iou=0.4, seed=1)  # second seed: averaged
+    _run(tmp_path, "full_auto", "unet2d", fold=2, iou=0.25)
+    for setup in (1, 2, 3, 4):
+        _run(tmp_path, "slice_sweep", "unet3d", sample=2, setup=setup, iou=0.2 * setup)
+    (tmp_path / "unfinished").mkdir()
+    assert len(find_runs([tmp_path])) == 9
+    text = build_report([tmp_path], tmp_path / "report.md")
+    lines = text.splitlines()
+    row1 = next(line for line in lines if line.startswith("| 1 |") and "0.855" in line)
+    assert "0.500 (n=2)" in row1  # mean of 0.6 and 0.4 beside the paper's 0.855
+    avg = next(line for line in lines if line.startswith("| **average**") and "0.863" in line)
+    assert "0.625 (n=4)" in avg
+    sweep = next(line for line in lines if line.startswith("| 5,5,3"))
+    assert "0.800" in sweep and "0.849" in sweep and "12.0%" in sweep
+    t3 = next(line for line in lines if line.startswith("| 2 |") and "0.698" in line)
+    assert "0.250" in t3
+    assert (tmp_path / "report.png").stat().st_size > 5000
+    assert (tmp_path / "report.md").read_text() == text
+
+
+def test_report_does_not_import_torch(tmp_path):
+    _run(tmp_path, "semi_cv", "unet3d")
+    code = (
+        "import sys; from sparse3d.report import main; "
+        f"main([{str(tmp_path)!r}, '--out', {str(tmp_path / 'r.md')!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Table 1" in (tmp_path / "r.md").read_text()
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse3d.report", str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "no finished run" in r.stderr
