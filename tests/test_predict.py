@@ -15,10 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sparse3d.checkpoint import ModelMeta, save_model, unet_kwargs
+from sparse3d.cli import CONF_DIR, UserError
 from sparse3d.data.volume import VolumeMeta, write_volume
 from sparse3d.labels import LabelSpec
 from sparse3d.models import UNet
-from sparse3d.predict import CONF_DIR, UserError, predict
+from sparse3d.predict import predict
 
 LABELS = LabelSpec(("inside_tubule", "tubule", "background"), 3)
 

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sparse3d.train import CONF_DIR, train
+from sparse3d.cli import CONF_DIR
+from sparse3d.train import train
 
 EXPERIMENTS = ("semi_cv", "slice_sweep", "full_auto")
 MODELS = ("unet3d", "unet3d_nobn", "unet2d")

@@ -11,15 +11,15 @@ truth (the synthetic benchmark), the IoU on the voxels nobody annotated is repor
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sparse3d.cli import UserError, run_hydra
 from sparse3d.runfolder import write_json_atomic
-from sparse3d.train import CONF_DIR, UserError, _precheck_groups, resolve_volumes, train
+from sparse3d.train import resolve_volumes, train
 
 log = logging.getLogger("sparse3d.densify")
 
@@ -115,23 +115,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    try:
-        _precheck_groups(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="densify")
-    def _run(cfg: DictConfig) -> None:
-        try:
-            _print_summary(densify(cfg))
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    _run()
+    run_hydra("densify", lambda cfg: _print_summary(densify(cfg)))
 
 
 if __name__ == "__main__":

@@ -13,21 +13,17 @@ on stderr and exit code 2.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from sparse3d.cli import UserError, run_hydra
+
 log = logging.getLogger("sparse3d.predict")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 H5_SUFFIXES = (".h5", ".hdf5")
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, no traceback."""
 
 
 def _require(cfg: DictConfig, key: str) -> str:
@@ -133,17 +129,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    import hydra
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-    def _run(cfg: DictConfig) -> None:
-        try:
-            predict(cfg)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    _run()
+    run_hydra("predict", predict)
 
 
 if __name__ == "__main__":

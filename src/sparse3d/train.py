@@ -11,7 +11,6 @@ import importlib
 import inspect
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sparse3d.cli import UserError, run_hydra
 from sparse3d.runfolder import CONFIG, METRICS, SPLIT, read_metrics, write_json_atomic
 
 log = logging.getLogger("sparse3d.train")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PROTOCOLS = ("semi_cv", "slice_sweep", "full_auto", "densify")
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, no traceback."""
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -436,40 +431,10 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
 
 
 # -- command line ----------------------------------------------------------------------------
-def _precheck_groups(argv: list[str]) -> None:
-    """Unknown config choices (experiment=..., model=...) as one line, before Hydra runs."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or "/" in key or key.startswith("hydra"):
-            continue
-        group = CONF_DIR / key
-        if group.is_dir():
-            options = sorted(p.stem for p in group.glob("*.yaml"))
-            for v in value.split(","):
-                if v and v not in options:
-                    raise UserError(f"unknown {key} {v!r}: choose one of {', '.join(options)}")
-
-
 def main() -> None:
-    import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    try:
-        _precheck_groups(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def _run(cfg: DictConfig) -> None:
-        try:
-            train(cfg, HydraConfig.get().runtime.output_dir)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    _run()
+    run_hydra("config", lambda cfg: train(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

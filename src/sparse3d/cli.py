@@ -1,0 +1,58 @@
+"""What every Hydra entry point shares (layer 3): the config folder, one-line user errors.
+
+Bad input from the user raises ``UserError``; ``run_hydra`` reports it as one ``error:`` line on
+stderr with exit code 2 instead of a traceback. Unknown choices of a config group
+(``experiment=nonsense``) are caught before Hydra runs, naming the available ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, no traceback."""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def precheck_groups(argv: list[str]) -> None:
+    """Unknown config choices (experiment=..., model=...) as one line, before Hydra runs."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or "/" in key or key.startswith("hydra"):
+            continue
+        group = CONF_DIR / key
+        if group.is_dir():
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            for v in value.split(","):
+                if v and v not in options:
+                    raise UserError(f"unknown {key} {v!r}: choose one of {', '.join(options)}")
+
+
+def run_hydra(config_name: str, task: Callable[[Any], None]) -> None:
+    """Run ``task(cfg)`` under Hydra with ``conf/<config_name>.yaml``; user errors as one line."""
+    import hydra
+
+    try:
+        precheck_groups(sys.argv[1:])
+    except UserError as e:
+        fail(str(e))
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _run(cfg) -> None:
+        try:
+            task(cfg)
+        except UserError as e:
+            fail(str(e))
+
+    _run()
