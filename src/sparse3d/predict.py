@@ -47,8 +47,7 @@ def _as_volume(path: Path, channel_axis: int | None, meta, tmp_dir: Path) -> Pat
     from sparse3d.labels import LabelSpec
 
     try:
-        src = convert.read_source(path)
-        data, spacing = convert._to_zyx(src, channel_axis)
+        data, spacing = convert.read_zyx(path, channel_axis)
     except convert.ConvertError as err:
         raise UserError(str(err)) from None
     image = data[None] if data.ndim == 3 else data

@@ -316,6 +316,18 @@ def _to_zyx(
     return np.ascontiguousarray(data), tuple(spacing)
 
 
+def read_zyx(
+    path: str | os.PathLike[str], channel_axis: int | None = None
+) -> tuple[np.ndarray, tuple[float | None, ...]]:
+    """Read any supported file as ``(Z, Y, X)`` (or ``(C, Z, Y, X)`` with ``channel_axis``) plus
+    its (z, y, x) spacing in um (None where the header has none).
+
+    Raises:
+        ConvertError: unreadable file or wrong dimensionality.
+    """
+    return _to_zyx(read_source(path), channel_axis)
+
+
 # --------------------------------------------------------------------------------------------
 # label map
 

@@ -1,0 +1,133 @@
+"""The semi-automated workflow: python -m sparse3d.densify (conf/densify.yaml)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from hydra import compose, initialize_config_dir
+
+from sparse3d.cli import CONF_DIR, UserError
+from sparse3d.data.volume import VolumeMeta, load_volume, write_volume
+from sparse3d.densify import densify
+from sparse3d.labels import LabelSpec
+
+SHAPE = (24, 40, 40)
+SLICES = {"z": (6, 17), "y": (20,), "x": (11, 30)}
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    """A bright ball (class 0) in a dim background (class 1): image (1, Z, Y, X), dense labels."""
+    z, y, x = np.indices(SHAPE)
+    ball = (z - 12) ** 2 + (y - 20) ** 2 + (x - 18) ** 2 < 9**2
+    noise = np.random.default_rng(0).normal(0, 5, SHAPE)
+    image = (np.where(ball, 120.0, 40.0) + noise).astype(np.float32)[None]
+    return image, np.where(ball, 0, 1).astype(np.uint8)
+
+
+def _sparse(dense: np.ndarray, ignore: int) -> np.ndarray:
+    sparse = np.full_like(dense, ignore)
+    for axis, idx in zip((0, 1, 2), SLICES.values(), strict=True):
+        for i in idx:
+            sl = [slice(None)] * 3
+            sl[axis] = i
+            sparse[tuple(sl)] = dense[tuple(sl)]
+    return sparse
+
+
+def _cfg(out: Path, **overrides) -> object:
+    args = ["preset=smoke", "logger=none", f"out={out}", "trainer.max_steps=2"]
+    args += [f"{k}={v}" for k, v in overrides.items()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="densify", overrides=args)
+
+
+@pytest.fixture()
+def h5_input(tmp_path) -> Path:
+    image, dense = _scene()
+    labels = LabelSpec(("ball", "background"), 2)
+    meta = VolumeMeta((2.0, 1.0, 1.0), ("stain",), labels, dict(SLICES))
+    return write_volume(tmp_path / "ball.h5", image, _sparse(dense, 2), meta, dense_label=dense)
+
+
+def test_densify_hdf5_writes_segmentation_picture_and_unannotated_iou(h5_input, tmp_path):
+    out = tmp_path / "out"
+    summary = densify(_cfg(out, inputs=f"[{h5_input}]"))
+    entry = summary["volumes"]["ball"]
+    seg = Path(entry["segmentation"])
+    assert seg == out / "ball_seg.h5" and Path(entry["picture"]).stat().st_size > 0
+    with h5py.File(seg, "r") as f:
+        pred = f["labels"][...]
+    assert pred.shape == SHAPE and set(np.unique(pred).tolist()) <= {0, 1}
+    # the IoU is scored on the voxels nobody annotated, and only there
+    _, dense = _scene()
+    unannotated = _sparse(dense, 2) == 2
+    assert entry["annotated_fraction"] == pytest.approx(1 - unannotated.mean())
+    from sparse3d.metrics import confusion_matrix, iou_summary
+
+    expected = iou_summary(
+        confusion_matrix(pred[unannotated], dense[unannotated], 2, 2), ("ball", "background")
+    )
+    assert entry["unannotated"]["iou/mean"] == pytest.approx(expected["iou/mean"])
+    on_disk = json.loads((out / "densify.json").read_text())
+    assert on_disk["volumes"]["ball"]["segmentation"] == str(seg)
+
+
+def test_densify_refuses_to_overwrite_without_the_flag(h5_input, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    seg = out / "ball_seg.h5"
+    seg.write_bytes(b"keep me")
+    with pytest.raises(UserError, match="overwrite=true"):
+        densify(_cfg(out, inputs=f"[{h5_input}]"))
+    assert seg.read_bytes() == b"keep me"
+    assert not (out / "run").exists()  # refused before any training
+
+
+def test_densify_imports_tiff_image_and_labels(tmp_path):
+    image, dense = _scene()
+    # what an annotation tool writes: 0 unlabelled, 1 = ball, 2 = background
+    codes = _sparse(dense + 1, 0)
+    tifffile.imwrite(tmp_path / "stack.tif", image[0])
+    tifffile.imwrite(tmp_path / "stack_labels.tif", codes)
+    out = tmp_path / "out"
+    summary = densify(
+        _cfg(
+            out,
+            inputs=f"[{tmp_path / 'stack.tif'}]",
+            labels=f"[{tmp_path / 'stack_labels.tif'}]",
+            voxel_size_zyx_um="[2.0,1.0,1.0]",
+        )
+    )
+    imported = load_volume(out / "inputs" / "stack.h5")
+    assert imported.meta.labels.class_names == ("class1", "class2")
+    assert imported.meta.labels.ignore_index == 2
+    label = np.asarray(imported.label)
+    np.testing.assert_array_equal(label, np.where(codes == 0, 2, codes - 1))
+    assert imported.meta.annotated_slices == {k: tuple(v) for k, v in SLICES.items()}
+    with h5py.File(summary["volumes"]["stack"]["segmentation"], "r") as f:
+        assert f["labels"].shape == SHAPE
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"inputs": "[{tif}]"}, "need one label file each"),
+        ({"inputs": "[{tif}]", "labels": "[{tif}]", "label_map": "'0:ignore,*:0'"}, "class_names"),
+        ({"inputs": "[{missing}]"}, "does not exist"),
+        ({"labels": "[{tif}]"}, "without inputs"),
+    ],
+)
+def test_densify_bad_input_is_one_line(overrides, needle, tmp_path):
+    tif = tmp_path / "stack.tif"
+    tifffile.imwrite(tif, np.zeros(SHAPE, np.uint8))
+    fill = {"tif": tif, "missing": tmp_path / "nope.tif"}
+    args = {k: v.format(**fill) for k, v in overrides.items()}
+    with pytest.raises(UserError, match=needle) as err:
+        densify(_cfg(tmp_path / "out", **args))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "run").exists()
