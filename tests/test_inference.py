@@ -229,6 +229,26 @@ def test_tiled_prediction_equals_whole_volume_pass(depth, norm):
     assert np.abs(a - b).max() <= 1e-5
 
 
+def test_evaluation_single_pass_pads_like_numpy_and_matches_the_predictor():
+    """The one-pass evaluation used during training mirrors the volume exactly as the tiling
+    predictor does (numpy's reflect, repeated for pads beyond one reflection)."""
+    from sparse3d.evaluation import _reflect_pad, predict_probabilities_single_pass
+
+    x = np.random.default_rng(3).normal(size=(1, 2, 5, 7, 3)).astype(np.float32)
+    pads = [(9, 13), (2, 3), (7, 8)]  # beyond one reflection on two axes
+    want = np.pad(x, [(0, 0), (0, 0), *pads], mode="reflect")
+    np.testing.assert_array_equal(_reflect_pad(torch.from_numpy(x), pads).numpy(), want)
+
+    torch.manual_seed(2)
+    net = UNet(2, 3, base_channels=2, depth=3, norm="none").eval()
+    img = _image((12, 20, 22))
+    one_pass = predict_probabilities_single_pass(net, img).numpy()
+    tiled = Predictor(net, None, tile_zyx=(56, 60, 56), precision="fp32", progress=False)
+    logits = torch.from_numpy(tiled.predict_logits(img))
+    assert tiled.last_report.num_tiles > 1
+    np.testing.assert_allclose(torch.softmax(logits, 0).numpy(), one_pass, atol=1e-5)
+
+
 def test_same_padding_blending_leaves_no_gaps():
     net = UNet(2, 3, base_channels=2, depth=3, padding="same", norm="none")
     with torch.no_grad():  # constant logits whatever the input: blending must return them

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from sparse3d.inference.tiling import reflect_indices
 from sparse3d.models import UNet
 
 
@@ -28,17 +28,12 @@ def _pad_for_single_pass(net: UNet, spatial: tuple[int, ...]) -> tuple[list[int]
 
 
 def _reflect_pad(x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
-    """Mirror-pad the trailing axes of ``x (B, C, *s)``; repeats reflection for big pads."""
-    while any(b or a for b, a in pads):
-        step = []
-        new = []
-        for (b, a), n in zip(pads, x.shape[2:], strict=True):
-            sb, sa = min(b, n - 1), min(a, n - 1)
-            step.append((sb, sa))
-            new.append((b - sb, a - sa))
-        flat = [v for pair in reversed(step) for v in pair]
-        x = F.pad(x, flat, mode="reflect")
-        pads = new
+    """Mirror-pad the trailing axes of ``x (B, C, *s)`` as the tiling predictor does
+    (:func:`sparse3d.inference.tiling.reflect_indices`, periodic for pads beyond one reflection)."""
+    for axis, ((before, after), n) in enumerate(zip(pads, x.shape[2:], strict=True)):
+        if before or after:
+            idx = torch.from_numpy(reflect_indices(-before, n + before + after, n))
+            x = x.index_select(axis + 2, idx.to(x.device))
     return x
 
 

@@ -184,7 +184,54 @@ class _TileSource:
         }
 
 
-class TileDataset(Dataset):
+class _SeededTiles(Dataset):
+    """What both datasets share: arguments, per-item seeding by (seed, epoch, index), length.
+
+    Subclasses set up their sampling and implement :meth:`_item`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        volumes: Sequence[Any],
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        dims: int,
+        samples_per_epoch: int,
+        ignore_index: int,
+        seed: int,
+    ) -> None:
+        if not volumes:
+            raise ValueError(f"dataset: {kind} needs at least one volume")
+        if samples_per_epoch < 1:
+            raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.output_shape = tuple(int(v) for v in output_shape)
+        if len(self.input_shape) != dims or len(self.output_shape) != dims:
+            raise ValueError(f"dataset: the input and output tiles of {kind} need {dims} entries")
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.ignore_index = int(ignore_index)
+        self.volumes = [_arrays(v) for v in volumes]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose items ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.samples_per_epoch:
+            raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
+        return self._item(np.random.default_rng([self.seed, self.epoch, int(index)]))
+
+    def _item(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TileDataset(_SeededTiles):
     """Random 3D training tiles for a valid-convolution network.
 
     Args:
@@ -219,19 +266,10 @@ class TileDataset(Dataset):
         seed: int = 0,
         margin_zyx: Sequence[int] | None = None,
     ) -> None:
-        if not volumes:
-            raise ValueError("dataset: TileDataset needs at least one volume")
-        if samples_per_epoch < 1:
-            raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
-        self.input_zyx = tuple(int(v) for v in input_zyx)
-        self.output_zyx = tuple(int(v) for v in output_zyx)
-        if len(self.input_zyx) != 3 or len(self.output_zyx) != 3:
-            raise ValueError("dataset: input_zyx and output_zyx need 3 entries")
-        self.samples_per_epoch = int(samples_per_epoch)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.ignore_index = int(ignore_index)
-        self.volumes = [_arrays(v) for v in volumes]
+        super().__init__(
+            "TileDataset", volumes, input_zyx, output_zyx, 3, samples_per_epoch, ignore_index, seed
+        )
+        self.input_zyx, self.output_zyx = self.input_shape, self.output_shape
         self.samplers = []
         counts = []
         for i, (_, label) in enumerate(self.volumes):
@@ -252,24 +290,14 @@ class TileDataset(Dataset):
             self.input_zyx, self.output_zyx, transform, ignore_index, margin_zyx
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose items ``__getitem__`` returns."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.samples_per_epoch:
-            raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+    def _item(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         v = int(rng.choice(len(self.volumes), p=self.volume_weights))
         image, label = self.volumes[v]
         out_start = self.samplers[v].sample(rng)
         return self._source.tile(image, label, out_start, rng)
 
 
-class SliceDataset(Dataset):
+class SliceDataset(_SeededTiles):
     """The paper's 2D baseline: annotated slices of all orientations as independent images.
 
     Every annotated xy (index along z), xz (along y) and yz (along x) slice becomes a 2D image
@@ -302,10 +330,10 @@ class SliceDataset(Dataset):
         seed: int = 0,
         margin_yx: Sequence[int] | None = None,
     ) -> None:
-        if not volumes:
-            raise ValueError("dataset: SliceDataset needs at least one volume")
-        if samples_per_epoch < 1:
-            raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        super().__init__(
+            "SliceDataset", volumes, input_yx, output_yx, 2, samples_per_epoch, ignore_index, seed
+        )
+        self.input_yx, self.output_yx = self.input_shape, self.output_shape
         if annotated_slices is None:
             try:
                 annotated_slices = [v.meta.annotated_slices for v in volumes]
@@ -315,15 +343,6 @@ class SliceDataset(Dataset):
                 ) from err
         if len(annotated_slices) != len(volumes):
             raise ValueError("dataset: need one annotated_slices mapping per volume")
-        self.input_yx = tuple(int(v) for v in input_yx)
-        self.output_yx = tuple(int(v) for v in output_yx)
-        if len(self.input_yx) != 2 or len(self.output_yx) != 2:
-            raise ValueError("dataset: input_yx and output_yx need 2 entries")
-        self.samples_per_epoch = int(samples_per_epoch)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.ignore_index = int(ignore_index)
-        self.volumes = [_arrays(v) for v in volumes]
         self.slices: list[tuple[int, str, int]] = []
         self.samplers: list[TileSampler] = []
         counts = []
@@ -361,17 +380,7 @@ class SliceDataset(Dataset):
         sel[lead + AXES.index(axis)] = index
         return array[tuple(sel)]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose items ``__getitem__`` returns."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.samples_per_epoch:
-            raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+    def _item(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         s = int(rng.choice(len(self.slices), p=self.slice_weights))
         v, axis, k = self.slices[s]
         image, label = self.volumes[v]
