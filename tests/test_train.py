@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,45 @@ def test_ddp_two_cpu_processes_train_one_model(smoke_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert m["world_size"] == 2 and m["ranks_in_sync"] is True
+
+
+def test_wheel_ships_the_config_tree(tmp_path):
+    """A non-editable install finds conf/ inside the package (setup.py copies it there)."""
+    pytest.importorskip("setuptools")
+    repo = CONF_DIR.parent
+    if not (repo / "setup.py").is_file():
+        pytest.skip("not running from a source checkout")
+    src = tmp_path / "proj"  # the working tree's packaging files, committed or not
+    for name in ("src", "conf"):
+        shutil.copytree(
+            repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(repo / name, src / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        check=True,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("sparse3d-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    tree = tmp_path / "site" / "sparse3d" / "conf"
+    wanted = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.rglob("*.yaml"))
+    assert sorted(p.relative_to(tree) for p in tree.rglob("*.yaml")) == wanted
+    code = "import sparse3d.cli as c; print(c.CONF_DIR)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == str(tree), out.stderr
