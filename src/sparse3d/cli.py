@@ -7,7 +7,9 @@ stderr with exit code 2 instead of a traceback. Unknown choices of a config grou
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,27 @@ def precheck_groups(argv: list[str]) -> None:
             for v in value.split(","):
                 if v and v not in options:
                     raise UserError(f"unknown {key} {v!r}: choose one of {', '.join(options)}")
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's tips that advertise cloud services."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_lightning() -> None:
+    """Lightning's messages once, through the handlers Hydra set up (console and the run's log
+    file), without its cloud-service tips. Call after importing Lightning (its import adds
+    console handlers of its own)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            lg.removeHandler(handler)
+        lg.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    # Lightning's own use of a torch API it deprecated; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def run_hydra(config_name: str, task: Callable[[Any], None]) -> None:

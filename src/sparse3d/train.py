@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sparse3d.cli import UserError, run_hydra
+from sparse3d.cli import UserError, quiet_lightning, run_hydra
 from sparse3d.runfolder import CONFIG, METRICS, SPLIT, read_metrics, write_json_atomic
 
 log = logging.getLogger("sparse3d.train")
@@ -194,6 +194,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from sparse3d.losses import MaskedCrossEntropy, balanced_class_weights
     from sparse3d.module import SegmentationModule
 
+    quiet_lightning()
     run_dir = Path(run_dir)
     done = read_metrics(run_dir)
     if done is not None and not cfg.force and cfg.ckpt_path is None:
