@@ -73,3 +73,11 @@ def test_class_colors() -> None:
     assert c[2, 3] < 0.3  # background: faint
     other = class_colors(LabelSpec(("a", "b", "c", "d"), 255))
     assert other.shape == (4, 4) and len({tuple(r) for r in other}) == 4
+
+
+def test_own_classes_stand_out_from_the_background() -> None:
+    """A user's class next to "background" gets a colour far from the background's blue."""
+    c = class_colors(LabelSpec(("nucleus", "background"), 2))
+    nucleus, background = c[0, :3], c[1, :3]
+    assert np.abs(nucleus - background).sum() > 0.8
+    assert nucleus[2] < max(nucleus[0], nucleus[1])  # not a blue

@@ -52,9 +52,15 @@ def overview_size_px(n_blocks: int) -> tuple[int, int]:
 def class_colors(labels: LabelSpec) -> np.ndarray:
     """(num_classes, 4) RGBA overlay colours for the classes of ``labels``."""
     cmap = matplotlib.colormaps["tab10"]
+    others = [i for i in range(10) if i != 0]  # tab10 without its blue: blue is the background's
     out = np.zeros((labels.num_classes, 4))
+    k = 0
     for c, name in enumerate(labels.class_names):
-        out[c] = XENOPUS_COLORS.get(name, (*cmap(c % 10)[:3], 0.5))
+        if name in XENOPUS_COLORS:
+            out[c] = XENOPUS_COLORS[name]
+        else:
+            out[c] = (*cmap(others[k % len(others)])[:3], 0.5)
+            k += 1
     return out
 
 
