@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: File suffixes read as sparse3d HDF5 volumes; anything else goes through the importer.
+H5_SUFFIXES = (".h5", ".hdf5")
+
 
 def _conf_dir() -> Path:
     """The config tree: ``sparse3d/conf`` inside a wheel install, else the repository's ``conf/``."""

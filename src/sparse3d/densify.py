@@ -26,14 +26,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sparse3d.cli import UserError, run_hydra
+from sparse3d.cli import H5_SUFFIXES, UserError, run_hydra
 from sparse3d.runfolder import write_json_atomic
 from sparse3d.train import resolve_volumes, train
 
 log = logging.getLogger("sparse3d.densify")
-
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _input_name(path: Path) -> str:
@@ -104,14 +101,15 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
     for p in labels:
         if not p.exists():
             raise UserError(f"label file {p} does not exist")
+    targets = {name: folder / f"{name}.h5" for name in images}
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"{existing[0]} exists: pass overwrite=true to replace it")
     names, mapping = _classes_and_map(cfg, labels)
+    voxel = cfg.get("voxel_size_zyx_um")
     folder.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Path] = {}
     for (name, image), label in zip(images.items(), labels, strict=True):
-        target = folder / f"{name}.h5"
-        if target.exists() and not cfg.overwrite:
-            raise UserError(f"{target} exists: pass overwrite=true to replace it")
-        voxel = cfg.get("voxel_size_zyx_um")
+        target = targets[name]
         try:
             convert(
                 image,
@@ -127,8 +125,7 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
         except ConvertError as err:
             raise UserError(str(err)) from None
         log.info("imported %s + %s into %s", image, label, target)
-        out[name] = target
-    return out
+    return targets
 
 
 def _configure_inputs(cfg: DictConfig, out: Path) -> None:
@@ -154,12 +151,9 @@ def _configure_inputs(cfg: DictConfig, out: Path) -> None:
         )
 
 
-def _targets(out: Path, names) -> dict[str, Path]:
-    return {n: out / f"{n}_seg.h5" for n in names}
-
-
 def _check_targets(cfg: DictConfig, out: Path, names) -> dict[str, Path]:
-    targets = _targets(out, names)
+    """``{name: <out>/<name>_seg.h5}``; refuses existing ones unless ``overwrite=true``."""
+    targets = {n: out / f"{n}_seg.h5" for n in names}
     existing = [p for p in targets.values() if p.exists()]
     if existing and not cfg.overwrite:
         raise UserError(f"{existing[0]} exists: pass overwrite=true to replace it")

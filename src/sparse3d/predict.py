@@ -19,11 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sparse3d.cli import UserError, run_hydra
+from sparse3d.cli import H5_SUFFIXES, UserError, run_hydra
 
 log = logging.getLogger("sparse3d.predict")
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _require(cfg: DictConfig, key: str) -> str:
