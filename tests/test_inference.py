@@ -382,6 +382,60 @@ def test_explicit_tile_is_validated():
         Predictor(net, None, tile_zyx=(45, 48, 48), progress=False)
 
 
+def test_streaming_decision_compares_like_with_like():
+    from sparse3d.inference.memory import needs_streaming
+
+    gib = 2**30
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # on a GPU the tile pass lives in device memory: 80 GiB of activations on a 141 GB card do
+    # not make a 1 GiB volume stream through a host with 10 GiB to spare
+    assert not needs_streaming(1 * gib, 80 * gib, 0.1 * gib, cuda, 10 * gib)
+    assert needs_streaming(9.5 * gib, 80 * gib, 1 * gib, cuda, 10 * gib)  # host RAM is short
+    # on the CPU the pass shares the host RAM with the volume and its results
+    assert needs_streaming(1 * gib, 20 * gib, 0.1 * gib, cpu, 10 * gib)
+    assert not needs_streaming(1 * gib, 5 * gib, 0.1 * gib, cpu, 10 * gib)
+
+
+def test_largest_tensor_of_a_pass_is_modelled():
+    """``max_elements`` (fitted from two traces) matches a trace at a third tile size."""
+    from sparse3d.inference.memory import _normalise_for_profile, _trace
+
+    net = UNet(2, 3, base_channels=4, depth=3, norm="batch")
+    prof = NetProfile(net)
+    tile = (60, 68, 76)
+    assert all(net.geometry.is_legal(n) for n in tile)
+    tracer = _trace(_normalise_for_profile(net), tile, prof.skip_shapes)
+    largest = max(int(np.prod(e[2])) for e in tracer.events if e[0] == "a")
+    assert prof.max_elements(tile) == pytest.approx(largest)
+    assert largest >= 4 * 58 * 66 * 74  # the first convolution's output
+
+
+def test_no_tile_exceeds_the_element_cap(monkeypatch):
+    """A big volume and a huge budget (a 141 GB card): the layout still keeps every tensor
+    within 2**31 - 1 elements, and an explicit tile beyond it is refused."""
+    from sparse3d.inference.memory import MAX_TENSOR_ELEMENTS
+
+    net = UNet(3, 3)  # the paper network: 32 channels at full resolution
+    prof = NetProfile(net)
+    shape = (400, 1200, 1200)
+    huge = 10_000 * 2**30
+    uncapped = choose_plan(prof, net, shape, huge, max_elements=float("inf"))
+    assert prof.max_elements(uncapped.plan.tile_zyx) > MAX_TENSOR_ELEMENTS  # the old failure
+    capped = choose_plan(prof, net, shape, huge)
+    assert capped.fits and capped.plan.num_tiles > 1
+    assert prof.max_elements(capped.plan.tile_zyx) <= MAX_TENSOR_ELEMENTS
+    with pytest.raises(ValueError, match="elements"):
+        choose_plan(prof, net, shape, huge, tile_zyx=uncapped.plan.tile_zyx)
+    # the predictor passes fewer tiles at once when a batch would cross the cap
+    small = UNet(2, 3, base_channels=2, depth=2, norm="none")
+    p = Predictor(small, None, batch_size=64, progress=False, device="cpu")
+    tile = (44, 44, 44)
+    assert p._batch_for(tile, 64) == 64
+    per_tile = p.profile.max_elements(tile)
+    monkeypatch.setattr("sparse3d.inference.predictor.MAX_TENSOR_ELEMENTS", 3.5 * per_tile)
+    assert p._batch_for(tile, 64) == 3 and p._batch_for(tile, 2) == 2
+
+
 # -------------------------------------------------------------------------------------------
 # precision
 
@@ -449,8 +503,9 @@ def test_streaming_equals_in_memory(tmp_path):
     _randomise_bn(net)
     meta = _meta(net, normalization="percentile")
     path, img = _volume(tmp_path, shape=(16, 24, 28))
-    kw = {"tile_zyx": (56, 60, 52), "precision": "fp32", "progress": False}  # 1 x 2 x 3 tiles
-    # a budget smaller than the volume and its results -> tiles are read from and written to disk
+    kw = {"tile_zyx": (56, 60, 52), "precision": "fp32", "progress": False, "device": "cpu"}
+    # 1 x 2 x 3 tiles; on the CPU the budget is host RAM too: a budget smaller than the volume
+    # and its results -> tiles are read from and written to disk
     tiny = Predictor(net, meta, memory_budget_gb=1e-4, **kw)
     mem_labels, mem_probs = tiny.predict_array(img, probabilities=True)
     assert not tiny.last_report.streamed

@@ -10,9 +10,19 @@ from sparse3d.report import build_report
 from sparse3d.runfolder import find_runs, write_json_atomic
 
 
-def _run(root: Path, protocol: str, model: str, fold=1, sample=1, setup=1, iou=0.5, seed=0):
+def _run(
+    root: Path, protocol: str, model: str, fold=1, sample=1, setup=1, iou=0.5, seed=0, legacy=False
+):
     d = root / protocol / model / f"f{fold}-s{sample}-u{setup}-seed{seed}"
     summary = {"iou": {"a": iou, "b": iou}, "mean": iou, "labelled_voxels": 10, "confusion": []}
+    if legacy:  # metrics.json of earlier versions: "dense", no "heldout_all"
+        keys = {"heldout": summary, "dense": {**summary, "mean": iou - 0.1}}
+    else:
+        keys = {
+            "heldout": summary,
+            "heldout_all": {**summary, "mean": iou + 0.05},
+            "all_voxels": {**summary, "mean": iou - 0.1},
+        }
     write_json_atomic(
         d / "metrics.json",
         {
@@ -25,8 +35,7 @@ def _run(root: Path, protocol: str, model: str, fold=1, sample=1, setup=1, iou=0
             "sample": sample,
             "setup": setup,
             "seed": seed,
-            "heldout": summary,
-            "dense": {**summary, "mean": iou - 0.1},
+            **keys,
             "train_voxel_fraction": 0.03 * setup,
         },
     )
@@ -46,6 +55,9 @@ def test_tables_and_plot(tmp_path):
     lines = text.splitlines()
     row1 = next(line for line in lines if line.startswith("| 1 |") and "0.855" in line)
     assert "0.500 (n=2)" in row1  # mean of 0.6 and 0.4 beside the paper's 0.855
+    assert "| 0.500 (n=2) | 0.855 | 0.400 (n=2) |" in row1  # all voxels beside it
+    assert "0.550" not in text  # heldout_all is not the headline
+    assert "earlier version" not in text
     avg = next(line for line in lines if line.startswith("| **average**") and "0.863" in line)
     assert "0.625 (n=4)" in avg
     sweep = next(line for line in lines if line.startswith("| 5,5,3"))
@@ -73,3 +85,15 @@ def test_no_runs_is_a_clear_error(tmp_path):
         [sys.executable, "-m", "sparse3d.report", str(tmp_path)], capture_output=True, text=True
     )
     assert r.returncode != 0 and "no finished run" in r.stderr
+
+
+def test_old_run_folders_with_dense_are_read(tmp_path):
+    """Run folders written before "dense" became "all_voxels" still fill the tables."""
+    _run(tmp_path, "semi_cv", "unet3d", fold=1, iou=0.6, legacy=True)
+    _run(tmp_path, "semi_cv", "unet3d", fold=2, iou=0.7)
+    text = build_report([tmp_path], tmp_path / "report.md")
+    row1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert "| 0.600 | 0.855 | 0.500 |" in row1
+    row2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert "| 0.700 | 0.871 | 0.600 |" in row2
+    assert "1 run(s) come from an earlier version" in text

@@ -131,9 +131,15 @@ def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
     held = on_disk["heldout"]
     assert set(held["iou"]) == {"inside_tubule", "tubule", "background"}
     assert 0.0 <= held["mean"] <= 1.0 and held["labelled_voxels"] > 0
+    held_all = on_disk["heldout_all"]  # crossings with training slices included
+    if experiment == "full_auto":  # the test volume has no training slice
+        assert held_all["labelled_voxels"] == held["labelled_voxels"]
+    else:  # test slices cross training slices of the same volume
+        assert held_all["labelled_voxels"] > held["labelled_voxels"]
+    assert "dense" not in on_disk
     assert (
-        on_disk["dense"] is not None
-        and on_disk["dense"]["labelled_voxels"] >= held["labelled_voxels"]
+        on_disk["all_voxels"] is not None
+        and on_disk["all_voxels"]["labelled_voxels"] >= held_all["labelled_voxels"]
     )
     for f in ("config.yaml", "split.json", "checkpoints/last.ckpt"):
         assert (run_dir / f).exists(), f
@@ -163,8 +169,14 @@ def test_finished_job_is_skipped_and_resume_is_exact(smoke_data, tmp_path):
     a = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
+    # bit-exact on the CPU; on CUDA MaxPool3d's backward accumulates with atomics (no
+    # deterministic kernel), so the resumed weights agree to rounding only
+    exact = not torch.cuda.is_available()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        if exact or not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):

@@ -325,7 +325,7 @@ def test_float_and_int_images_and_non_contiguous_input():
     assert d.dtype == np.float32 and d.shape == (2, *SHAPE)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_gpu_tensors_stay_on_gpu():
     image = torch.from_numpy(smooth_image(SHAPE)).cuda()
     label = torch.from_numpy(blob_label(SHAPE)).cuda()

@@ -2,7 +2,9 @@
 
 Built from plain arguments: volume files, a split (which slices train, which test) and tile
 sizes from the model. Training labels keep only the split's training slices (every other voxel
-becomes unlabelled); evaluation labels keep only its test slices (paper Sec. 4.1).
+becomes unlabelled); evaluation labels keep only its test slices (paper Sec. 4.1), less the voxels
+where a test slice crosses a training slice: the network was trained on those, so they are not
+held out. ``eval_label_all`` keeps the crossings too (the count of earlier versions).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparse3d.data.annotation import slice_mask
 from sparse3d.data.dataset import SliceDataset, TileDataset
@@ -28,16 +30,59 @@ log = logging.getLogger(__name__)
 
 SliceSet = dict[str, dict[str, list[int]]]
 
+#: Index of a placeholder evaluation item: a rank with fewer volumes than the others runs as
+#: many steps as they do, and counts nothing in them.
+PLACEHOLDER = -1
+
+
+class EpochTileSampler(DistributedSampler):
+    """Training items ``(epoch, index)``, split over processes as Lightning's
+    ``DistributedSampler`` splits them (no shuffling: items are random already).
+
+    The epoch travels with each index (``TileDataset`` accepts the pair), so persistent
+    DataLoader workers, whose copy of the dataset never sees ``set_epoch``, draw the current
+    epoch's tiles; Lightning calls :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        epoch = self.epoch
+        for i in super().__iter__():
+            yield (epoch, i)
+
+
+class EvaluationSampler(DistributedSampler):
+    """Whole volumes for in-training validation under DDP, each counted once.
+
+    ``DistributedSampler`` pads the volumes to a multiple of the process count by repeating some,
+    which would count them twice in the pooled confusion; here rank ``r`` takes volumes
+    ``r, r + R, ...`` and fills up to the common length with :data:`PLACEHOLDER` items.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        mine = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(mine + [PLACEHOLDER] * (self.num_samples - len(mine)))
+
 
 @dataclass
 class PreparedVolume:
-    """One volume in memory: normalised image ``(C, Z, Y, X)`` and labels ``(Z, Y, X)``."""
+    """One volume in memory: normalised image ``(C, Z, Y, X)`` and labels ``(Z, Y, X)``.
+
+    ``eval_label``: the held-out voxels, on test slices and on no training slice;
+    ``eval_label_all``: every voxel of the test slices, crossings with training slices included.
+    """
 
     name: str
     image: np.ndarray
     train_label: np.ndarray
     eval_label: np.ndarray
     dense_label: np.ndarray | None
+    eval_label_all: np.ndarray | None = None
 
 
 def restrict_to_slices(
@@ -59,12 +104,17 @@ class _WholeVolumes(Dataset):
         return len(self.volumes)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if i == PLACEHOLDER:
+            return {"name": "", "placeholder": True}
         v = self.volumes[i]
         dense = v.dense_label if v.dense_label is not None else np.zeros(1, np.uint8)
         return {
             "name": v.name,
             "image": torch.from_numpy(v.image),
             "eval_label": torch.from_numpy(v.eval_label.astype(np.int64)),
+            "eval_label_all": torch.from_numpy(
+                (v.eval_label if v.eval_label_all is None else v.eval_label_all).astype(np.int64)
+            ),
             "dense_label": torch.from_numpy(dense.astype(np.int64)),
             "has_dense": v.dense_label is not None,
         }
@@ -83,6 +133,11 @@ class SparseDataModule(L.LightningDataModule):
         input_tile / output_tile: network input and output tile (``zyx`` or ``yx`` for 2D).
         transform: training augmentation on ``{"image", "label"}`` dicts, or None.
         margin: extra context read around each tile for the transform (voxels per axis).
+        num_workers: DataLoader worker processes for the training tiles (0: in this process).
+        pin_memory: page-locked training batches for fast copies to a GPU; None = when the
+            trainer runs on CUDA.
+        persistent_workers: keep the workers from epoch to epoch (only with ``num_workers > 0``;
+            needs ``reload_dataloaders_every_n_epochs: 0`` to matter).
     """
 
     def __init__(
@@ -103,6 +158,8 @@ class SparseDataModule(L.LightningDataModule):
         seed: int = 0,
         pct_low: float = 1.0,
         pct_high: float = 99.5,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         if label_source not in ("sparse", "dense"):
@@ -118,6 +175,8 @@ class SparseDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.transform = transform
         self.margin = tuple(margin) if margin is not None else None
         self.seed = seed
@@ -146,12 +205,19 @@ class SparseDataModule(L.LightningDataModule):
             pct = channel_percentiles(arr.image, *self.pct)
             self.percentiles[name] = pct.tolist()
             ign = self.labels.ignore_index
+            train_slices = self.train_slices.get(name)
+            eval_all = restrict_to_slices(source, self.test_slices.get(name), ign)
+            heldout = eval_all.copy()
+            if train_slices:
+                trained = slice_mask(source.shape, {a: tuple(v) for a, v in train_slices.items()})
+                heldout[trained] = ign  # seen in training: not held out
             self.volumes[name] = PreparedVolume(
                 name=name,
                 image=apply_percentiles(arr.image, pct),
-                train_label=restrict_to_slices(source, self.train_slices.get(name), ign),
-                eval_label=restrict_to_slices(source, self.test_slices.get(name), ign),
+                train_label=restrict_to_slices(source, train_slices, ign),
+                eval_label=heldout,
                 dense_label=None if arr.dense_label is None else np.asarray(arr.dense_label),
+                eval_label_all=eval_all,
             )
         log.info("prepared volumes %s", {n: v.image.shape for n, v in self.volumes.items()})
 
@@ -201,22 +267,49 @@ class SparseDataModule(L.LightningDataModule):
             margin_yx=self.margin,
         )
 
+    def _ranks(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the trainer, ``(1, 0)`` without one."""
+        if self.trainer is None:
+            return 1, 0
+        return int(self.trainer.world_size), int(self.trainer.global_rank)
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
-        if hasattr(ds, "set_epoch") and self.trainer is not None:
-            ds.set_epoch(self.trainer.current_epoch)
+        epoch = 0 if self.trainer is None else int(self.trainer.current_epoch)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        world, rank = self._ranks()
+        sampler = EpochTileSampler(ds, num_replicas=world, rank=rank)
+        sampler.set_epoch(epoch)
+        workers = int(self.num_workers)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=False,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self._pin(),
+            persistent_workers=bool(self.persistent_workers) and workers > 0,
             drop_last=True,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def evaluation_dataloader(self, shard: bool = False) -> DataLoader:
+        """Whole test volumes, batches of one; ``shard``: this process's share under DDP
+        (:class:`EvaluationSampler`, each volume counted once over all processes)."""
         vols = [self.volumes[n] for n in sorted(self.test_slices)]
-        return DataLoader(_WholeVolumes(vols), batch_size=1, num_workers=0)
+        ds = _WholeVolumes(vols)
+        world, rank = self._ranks()
+        sampler = EvaluationSampler(ds, world, rank) if shard and world > 1 else None
+        return DataLoader(ds, batch_size=1, sampler=sampler, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.evaluation_dataloader(shard=True)
 
     def volume_files(self) -> dict[str, Path]:
         return {n: Path(p) for n, p in self.volume_paths.items()}

@@ -2,35 +2,57 @@
 
     python -m sparse3d.densify inputs=[a.h5,b.h5]
     python -m sparse3d.densify inputs=[stack.tif] labels=[stack_labels.tif] [class_names=[...]]
+    python -m sparse3d.densify method=rf inputs=[a.h5]        # random forest, no network
 
 The paper's first use case (Sec. 1, Fig. 1a): the user annotates a few orthogonal slices of each
-volume; the network learns from those slices alone and returns the dense 3D segmentation. This
-command trains on every annotated slice of the inputs (warm-starting from ``init_ckpt`` when
-given), predicts each input densely with the seamless tiling predictor, and writes
-``<out>/<name>_seg.h5`` and ``<out>/<name>_seg.png``. Where the input carries a dense ground
-truth (the synthetic benchmark), the IoU on the voxels nobody annotated is reported.
+volume; a model learns from those slices alone and returns the dense 3D segmentation. Two
+methods, ``method=``:
+
+- ``unet`` (default): the paper's network, trained on every annotated slice of the inputs
+  (warm-starting from ``init_ckpt`` when given); each input is predicted with the seamless tiling
+  predictor.
+- ``rf``: a random forest on filter features (``sparse3d.rf``, ilastik-style), fitted to each
+  input's own annotated voxels and applied to all of its voxels; settings in ``rf:``.
+
+Both write ``<out>/<name>_seg.h5`` (the predictor's result layout) and ``<out>/<name>_seg.png``,
+and ``<out>/densify.json`` with the method, its wall time per volume and, where the input carries
+a dense ground truth (the synthetic benchmark, or ``dense_labels=[...]``), the IoU on the voxels
+nobody annotated (``unannotated``) and on every voxel (``all_voxels``).
 
 Inputs in any format the importer reads (TIFF, NIfTI, NRRD, Zarr; see
 :mod:`sparse3d.data.convert`) are imported into ``<out>/inputs/<name>.h5`` first, each with its
 label file from ``labels=[...]`` (one per non-HDF5 input, same order). By default label code 0
 means unlabelled and code ``c >= 1`` is class ``c - 1``, as annotation tools write them;
-``label_map=`` and ``class_names=`` change that.
+``label_map=`` and ``class_names=`` change that. ``dense_labels=[...]`` (optional, same order and
+codes) adds a dense ground truth to each imported input, for scoring only.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sparse3d.cli import H5_SUFFIXES, UserError, run_hydra
+from sparse3d.distributed import is_global_zero
 from sparse3d.runfolder import write_json_atomic
 from sparse3d.train import resolve_volumes, train
 
+if TYPE_CHECKING:
+    from sparse3d.data.volume import VolumeArrays
+    from sparse3d.labels import LabelSpec
+
 log = logging.getLogger("sparse3d.densify")
+
+METHODS = ("unet", "rf")
+#: One volume through a method: (source volume, result file, picture) -> the seconds the method
+#: spent on it (prediction; a shared training is added by the caller).
+Segment = Callable[[Path, Path, Path], float]
 
 
 def _input_name(path: Path) -> str:
@@ -98,7 +120,13 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
             f"{len(images)} input(s) not in HDF5 ({listed}) need one label file each, in the same "
             f"order, in labels=[...]; got {len(labels)}"
         )
-    for p in labels:
+    dense = [Path(str(p)) for p in (cfg.get("dense_labels") or [])]
+    if dense and len(dense) != len(images):
+        raise UserError(
+            f"dense_labels=[...] needs one file per non-HDF5 input ({len(images)}), in the same "
+            f"order as labels=[...]; got {len(dense)}"
+        )
+    for p in labels + dense:
         if not p.exists():
             raise UserError(f"label file {p} does not exist")
     targets = {name: folder / f"{name}.h5" for name in images}
@@ -125,15 +153,36 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
         except ConvertError as err:
             raise UserError(str(err)) from None
         log.info("imported %s + %s into %s", image, label, target)
+    if dense:
+        for target, truth in zip(targets.values(), dense, strict=True):
+            _add_dense_label(target, truth, mapping)
     return targets
+
+
+def _add_dense_label(volume: Path, truth: Path, mapping: Any) -> None:
+    """Store ``truth`` (label codes mapped like the annotation) as the volume's dense label."""
+    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map, read_zyx
+    from sparse3d.data.volume import load_volume, write_volume
+
+    vol = load_volume(volume)
+    try:
+        codes, _ = read_zyx(truth)
+        dense = apply_label_map(codes, parse_label_map(mapping, vol.meta.labels), truth)
+    except ConvertError as err:
+        raise UserError(str(err)) from None
+    if dense.shape != vol.label.shape:
+        raise UserError(f"{truth}: shape (z,y,x) {dense.shape} != label shape {vol.label.shape}")
+    write_volume(volume, vol.image, vol.label, vol.meta, dense_label=dense, overwrite=True)
+    log.info("added the dense ground truth %s to %s", truth, volume)
 
 
 def _configure_inputs(cfg: DictConfig, out: Path) -> None:
     """Point ``cfg.data`` at the inputs (importing non-HDF5 ones) or at the demo volumes."""
     with open_dict(cfg):
         if not cfg.inputs:
-            if cfg.get("labels"):
-                raise UserError("labels= given without inputs=[...]")
+            for key in ("labels", "dense_labels"):
+                if cfg.get(key):
+                    raise UserError(f"{key}= given without inputs=[...]")
             cfg.data.volumes = list(cfg.demo_volumes)
             return
         given = _inputs(cfg)
@@ -160,65 +209,222 @@ def _check_targets(cfg: DictConfig, out: Path, names) -> dict[str, Path]:
     return targets
 
 
-def densify(cfg: DictConfig) -> dict[str, Any]:
-    """Train on the annotated slices, predict every input densely; returns the summary."""
-    from sparse3d.checkpoint import load_model
-    from sparse3d.data.volume import load_volume
-    from sparse3d.inference import Predictor
-    from sparse3d.metrics import confusion_matrix, iou_summary
+def _prepare(cfg: DictConfig) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """Inputs of either method: ``(out, {name: volume file}, {name: <out>/<name>_seg.h5})``.
 
+    Imports non-HDF5 inputs, generates the demo volume when ``inputs=[]``, refuses existing
+    results without ``overwrite=true``, all before any training.
+    """
+    method = str(cfg.get("method", "unet"))
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     out = Path(str(cfg.out))
     _configure_inputs(cfg, out)
     paths = resolve_volumes(cfg.data)
     targets = _check_targets(cfg, out, list(paths))
     out.mkdir(parents=True, exist_ok=True)
+    return out, paths, targets
+
+
+def _train_unet(
+    cfg: DictConfig, out: Path, summary: dict[str, Any]
+) -> tuple[Segment | None, float]:
+    """Train the U-Net on every annotated slice of the inputs (one run in ``<out>/run``).
+
+    Returns the per-volume step (the predictor writing result file and picture) and the training
+    wall time, which every volume's ``seconds`` includes.
+    """
+    from sparse3d.checkpoint import load_model
+    from sparse3d.inference import Predictor
+
     run_dir = out / "run"
+    t0 = time.perf_counter()
     metrics = train(cfg, run_dir)
+    seconds = time.perf_counter() - t0
+    if not is_global_zero():  # another process of a DDP run: rank 0 predicts and writes
+        return None, seconds
     net, meta = load_model(run_dir / "model.pt")
     predictor = Predictor(net, meta)
-    summary: dict[str, Any] = {"run": str(run_dir), "volumes": {}}
-    for name, src in paths.items():
-        seg = targets[name]
-        png = seg.with_suffix(".png")
-        predictor.predict_file(
+    summary.update(run=str(run_dir), training_seconds=metrics.get("seconds"))
+
+    def segment(src: Path, seg: Path, png: Path) -> float:
+        report = predictor.predict_file(
             src,
             seg,
             save_probabilities=bool(cfg.save_probabilities),
             overview_png=png,
             overwrite=bool(cfg.overwrite),
+            attrs={"method": "unet", "model": str(run_dir / "model.pt")},
         )
-        entry: dict[str, Any] = {"segmentation": str(seg), "picture": str(png)}
-        vol = load_volume(src)
-        if vol.dense_label is not None:
-            import h5py
+        return report.seconds
 
-            with h5py.File(seg, "r") as f:
-                pred = f["labels"][...]
-            ref = np.asarray(vol.dense_label).copy()
-            ign = meta.ignore_index
-            ref[np.asarray(vol.label) != ign] = ign  # score only voxels nobody annotated
-            cm = confusion_matrix(pred, ref, len(meta.class_names), ign)
-            entry["unannotated"] = iou_summary(cm, tuple(meta.class_names))
-            entry["annotated_fraction"] = float((np.asarray(vol.label) != ign).mean())
+    return segment, seconds
+
+
+def _rf_probabilities(
+    image: np.ndarray,
+    label: np.ndarray,
+    labels: LabelSpec,
+    voxel_size_zyx_um: tuple[float, float, float] | None,
+    rf_cfg: DictConfig,
+) -> np.ndarray:
+    """The random forest on one volume: image ``(C, Z, Y, X)`` and sparse ``label (Z, Y, X)``
+    -> class probabilities ``(K, Z, Y, X)`` float32 (settings from the ``rf:`` block)."""
+    from sparse3d.rf import segment_rf
+
+    kwargs = OmegaConf.to_container(rf_cfg, resolve=True)
+    assert isinstance(kwargs, dict)
+    kwargs["sigmas"] = tuple(kwargs["sigmas"])
+    return segment_rf(
+        image, label, labels.num_classes, labels.ignore_index, voxel_size_zyx_um, **kwargs
+    )
+
+
+def _random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
+    """The per-volume step of ``method=rf`` (nothing is shared between volumes)."""
+    from sparse3d.data.volume import load_volume
+
+    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+
+    def segment(src: Path, seg: Path, png: Path) -> float:
+        from sparse3d.inference.writers import check_output
+
+        check_output(seg, bool(cfg.overwrite))
+        check_output(png, bool(cfg.overwrite))
+        vol = load_volume(src)
+        t0 = time.perf_counter()
+        probs = _rf_probabilities(
+            vol.image, vol.label, vol.meta.labels, vol.meta.voxel_size_zyx_um, cfg.rf
+        )
+        seconds = time.perf_counter() - t0
+        attrs = {"method": "rf", "rf_n_trees": int(cfg.rf.n_trees)}
+        attrs["rf_sigmas"] = [float(s) for s in cfg.rf.sigmas]
+        _write_result(vol, probs, seg, png, bool(cfg.save_probabilities), attrs)
+        return seconds
+
+    return segment, 0.0
+
+
+def _write_result(
+    vol: VolumeArrays,
+    probs: np.ndarray,
+    seg: Path,
+    png: Path,
+    save_probabilities: bool,
+    attrs: dict[str, Any],
+) -> None:
+    """Write ``probs (K, Z, Y, X)`` of ``vol`` as the predictor writes its results: the result
+    file (labels, float16 probabilities when asked; temporary name, then renamed) and the
+    overview picture."""
+    from sparse3d.inference.writers import ResultFile, write_overview
+
+    spec = vol.meta.labels
+    labels = probs.argmax(0).astype(np.uint8)
+    meta_attrs = {
+        "class_names": list(spec.class_names),
+        "channel_names": list(vol.meta.channel_names),
+        "voxel_size_zyx_um": list(vol.meta.voxel_size_zyx_um),
+        "source": str(vol.path),
+        **attrs,
+    }
+    dtype = "float16" if save_probabilities else None
+    result = ResultFile(seg, labels.shape, spec.num_classes, dtype, meta_attrs)
+    try:
+        result.labels[...] = labels
+        if result.probabilities is not None:
+            result.probabilities[...] = probs
+        write_overview(
+            png,
+            vol.image,
+            labels,
+            spec,
+            title=f"{vol.path.name}: prediction",
+            voxel_size_zyx_um=vol.meta.voxel_size_zyx_um,
+            channel_names=tuple(vol.meta.channel_names),
+            overwrite=True,
+        )
+        result.commit()
+    except BaseException:
+        result.abort()
+        raise
+
+
+def _score(src: Path, seg: Path) -> dict[str, Any]:
+    """IoU of the result file ``seg`` against the dense ground truth of the volume ``src``.
+
+    ``unannotated``: the voxels no annotated plane covers (sparse label == ignore), the paper's
+    semi-automated score; ``all_voxels``: every voxel of the truth. Empty without a truth.
+    """
+    import h5py
+
+    from sparse3d.data.volume import open_volume
+    from sparse3d.metrics import confusion_matrix, iou_summary
+
+    full = (slice(None),) * 3
+    with open_volume(src, scan_values=False) as vol:
+        if not vol.has_dense_label:
+            return {}
+        spec = vol.meta.labels
+        truth = vol.read_dense_label(full)
+        label = vol.read_label(full)
+    with h5py.File(seg, "r") as f:
+        pred = f["labels"][...]
+    k, ign, names = spec.num_classes, spec.ignore_index, tuple(spec.class_names)
+    annotated = label != ign
+    unannotated_truth = np.where(annotated, ign, truth)
+    return {
+        "unannotated": iou_summary(confusion_matrix(pred, unannotated_truth, k, ign), names),
+        "all_voxels": iou_summary(confusion_matrix(pred, truth, k, ign), names),
+        "annotated_fraction": float(annotated.mean()),
+    }
+
+
+def densify(cfg: DictConfig) -> dict[str, Any]:
+    """Learn from the annotated slices with ``cfg.method``, segment every input densely, score
+    where a dense truth exists; writes and returns the summary (``densify.json``)."""
+    out, paths, targets = _prepare(cfg)
+    method = str(cfg.get("method", "unet"))
+    summary: dict[str, Any] = {"method": method, "volumes": {}}
+    if method == "unet":
+        segment, shared_seconds = _train_unet(cfg, out, summary)
+    else:
+        segment, shared_seconds = _random_forest(cfg, summary)
+    if segment is None:
+        return summary
+    for name, src in paths.items():
+        seg = targets[name]
+        png = seg.with_suffix(".png")
+        seconds = shared_seconds + segment(src, seg, png)
+        entry: dict[str, Any] = {
+            "segmentation": str(seg),
+            "picture": str(png),
+            "seconds": round(seconds, 2),
+        }
+        entry.update(_score(src, seg))
         summary["volumes"][name] = entry
-    summary["training_seconds"] = metrics.get("seconds")
     write_json_atomic(out / "densify.json", summary)
     return summary
+
+
+def _iou_line(summary: dict[str, float]) -> str:
+    per = ", ".join(
+        f"{k[4:]} {v:.3f}" for k, v in summary.items() if k.startswith("iou/") and k != "iou/mean"
+    )
+    return f"mean {summary['iou/mean']:.3f} ({per})"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
     for name, e in summary["volumes"].items():
         print(f"{name}: dense segmentation {e['segmentation']}")
         print(f"{name}: picture            {e['picture']}")
-        u = e.get("unannotated")
-        if u:
-            per = ", ".join(
-                f"{k[4:]} {v:.3f}" for k, v in u.items() if k.startswith("iou/") and k != "iou/mean"
-            )
+        print(f"{name}: method {summary['method']}, {e['seconds']:.1f} s (training + prediction)")
+        if e.get("unannotated"):
+            share = 100 * (1 - e["annotated_fraction"])
             print(
-                f"{name}: IoU on the {100 * (1 - e['annotated_fraction']):.1f}% of voxels nobody "
-                f"annotated: mean {u['iou/mean']:.3f} ({per})"
+                f"{name}: IoU on the {share:.1f}% of voxels nobody annotated: "
+                f"{_iou_line(e['unannotated'])}"
             )
+            print(f"{name}: IoU on all voxels: {_iou_line(e['all_voxels'])}")
 
 
 def main() -> None:

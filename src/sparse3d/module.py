@@ -2,8 +2,10 @@
 
 Built from plain objects (a ``UNet``, a ``MaskedCrossEntropy``, optimiser and scheduler
 partials); it never sees a config. Training steps take random tiles; validation steps take whole
-volumes, predict them densely and count IoU on the held-out labelled voxels (paper Sec. 4) and,
-where a dense ground truth exists, on every voxel.
+volumes, predict them densely and count IoU on the held-out labelled voxels (paper Sec. 4: test
+slices less their crossings with training slices), on every voxel of the test slices
+(``heldout_all``, crossings included) and, where a dense ground truth exists, on every voxel
+(``all_voxels``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class SegmentationModule(L.LightningModule):
         self.predict_volume = predict_volume
         k = len(class_names)
         self.iou_heldout = LabelledConfusion(k, ignore_index)
-        self.iou_dense = LabelledConfusion(k, ignore_index)
+        self.iou_heldout_all = LabelledConfusion(k, ignore_index)
+        self.iou_all_voxels = LabelledConfusion(k, ignore_index)
         self.predictions: dict[str, np.ndarray] = {}
         self._t_last: float | None = None
 
@@ -92,7 +95,12 @@ class SegmentationModule(L.LightningModule):
 
     # -- whole-volume evaluation -------------------------------------------------------------
     def evaluate_volume(self, batch: dict[str, Any]) -> None:
-        """Predict one whole volume (batch of one) and count it into the IoU accumulators."""
+        """Predict one whole volume (batch of one) and count it into the IoU accumulators.
+
+        A placeholder item (a DDP rank with fewer volumes than the others, see
+        ``datamodule.EvaluationSampler``) counts nothing."""
+        if "placeholder" in batch:
+            return
         image = batch["image"][0].cpu().numpy()  # (C, Z, Y, X)
         was_training = self.net.training
         self.net.eval()
@@ -100,30 +108,36 @@ class SegmentationModule(L.LightningModule):
         self.net.train(was_training)
         pred_t = torch.from_numpy(np.asarray(pred, dtype=np.int64)).to(self.device)
         self.iou_heldout.update(pred_t, batch["eval_label"][0].long().to(self.device))
+        held_all = batch.get("eval_label_all", batch["eval_label"])
+        self.iou_heldout_all.update(pred_t, held_all[0].long().to(self.device))
         if bool(batch["has_dense"][0]):
-            self.iou_dense.update(pred_t, batch["dense_label"][0].long().to(self.device))
+            self.iou_all_voxels.update(pred_t, batch["dense_label"][0].long().to(self.device))
         self.predictions[batch["name"][0]] = np.asarray(pred, dtype=np.uint8)
 
     def reset_evaluation(self) -> None:
         self.predictions = {}
         self.iou_heldout.reset()
-        self.iou_dense.reset()
+        self.iou_heldout_all.reset()
+        self.iou_all_voxels.reset()
 
-    def evaluation_confusion(self, sync: bool = True) -> dict[str, np.ndarray]:
-        """Pooled confusion matrices ``{"heldout": (K, K), "dense": (K, K)}`` so far; summed
-        over DDP processes when ``sync`` (every process must call it then)."""
-        if sync:
-            return {
-                "heldout": self.iou_heldout.compute().cpu().numpy(),
-                "dense": self.iou_dense.compute().cpu().numpy(),
-            }
+    def _accumulators(self) -> dict[str, LabelledConfusion]:
         return {
-            "heldout": self.iou_heldout.confusion.cpu().numpy(),
-            "dense": self.iou_dense.confusion.cpu().numpy(),
+            "heldout": self.iou_heldout,
+            "heldout_all": self.iou_heldout_all,
+            "all_voxels": self.iou_all_voxels,
         }
 
+    def evaluation_confusion(self, sync: bool = True) -> dict[str, np.ndarray]:
+        """Pooled confusion matrices ``(K, K)`` so far, by voxel set: ``"heldout"`` (test
+        slices off the training slices), ``"heldout_all"`` (test slices, crossings with training
+        slices included), ``"all_voxels"`` (every voxel of the dense ground truth); summed over
+        DDP processes when ``sync`` (every process must call it then)."""
+        if sync:
+            return {k: m.compute().cpu().numpy() for k, m in self._accumulators().items()}
+        return {k: m.confusion.cpu().numpy() for k, m in self._accumulators().items()}
+
     def evaluation_scalars(self, sync: bool = True) -> dict[str, float]:
-        """``val/iou_<heldout|dense>/<class|mean>`` for the loggers."""
+        """``val/iou_<heldout|heldout_all|all_voxels>/<class|mean>`` for the loggers."""
         out: dict[str, float] = {}
         for tag, cm in self.evaluation_confusion(sync).items():
             if cm.sum() == 0:

@@ -1,9 +1,14 @@
 """Tables 1-3 from run folders: ``python -m sparse3d.report runs/ [--out report.md]`` (layer 3).
 
 Reads only run folders (``metrics.json``), never imports torch. Our IoU (mean over classes on
-the held-out labelled voxels; the paper's protocol) sits beside the paper's number; where a dense
-ground truth existed, the IoU over every voxel is shown too. Several seeds of one cell are
-averaged and counted.
+the held-out labelled voxels, ``heldout``: the test slices less their crossings with training
+slices; the paper's protocol) sits beside the paper's number; where a dense ground truth existed,
+the IoU over every voxel (``all_voxels``) is shown too. Several seeds of one cell are averaged
+and counted.
+
+Run folders of earlier versions are read too: their ``dense`` is today's ``all_voxels``, and
+their ``heldout`` still counted the crossings with training slices (today's ``heldout_all``);
+the report says how many such runs it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         m = read_metrics(d)
         if m and m.get("status") == "done":
             m["_dir"] = str(d)
+            if "all_voxels" not in m and "dense" in m:  # written before the rename
+                m["all_voxels"] = m["dense"]
+            m["_legacy_heldout"] = "heldout_all" not in m
             runs.append(m)
     return runs
 
@@ -53,7 +61,7 @@ def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
     models += sorted({r["model"] for r in sel} - set(models))
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in sel:
-        for key in ("heldout", "dense"):
+        for key in ("heldout", "all_voxels"):
             v = _iou(r, key)
             if v is not None:
                 cells[(str(r["fold"]), r["model"], key)].append(v)
@@ -74,7 +82,7 @@ def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
             row += [
                 _cell(cells.get((f, m, "heldout"), [])),
                 "–" if p is None else f"{p:.3f}",
-                _cell(cells.get((f, m, "dense"), [])),
+                _cell(cells.get((f, m, "all_voxels"), [])),
             ]
         lines.append("| " + " | ".join(row) + " |")
     return [*lines, ""]
@@ -86,15 +94,15 @@ def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
         return [], {}
     samples = sorted({int(r["sample"]) for r in sel})
     cells: dict[tuple[int, int], list[float]] = defaultdict(list)
-    dense: dict[tuple[int, int], list[float]] = defaultdict(list)
+    all_vox: dict[tuple[int, int], list[float]] = defaultdict(list)
     frac: dict[int, list[float]] = defaultdict(list)
     for r in sel:
         v = _iou(r, "heldout")
         if v is not None:
             cells[(int(r["setup"]), int(r["sample"]))].append(v)
-        d = _iou(r, "dense")
+        d = _iou(r, "all_voxels")
         if d is not None:
-            dense[(int(r["setup"]), int(r["sample"]))].append(d)
+            all_vox[(int(r["setup"]), int(r["sample"]))].append(d)
         frac[int(r["setup"])].append(r.get("train_voxel_fraction", float("nan")))
     lines = ["### Table 2 — effect of the number of annotated slices (IoU)", ""]
     head = ["GT slices", "GT voxels ours", "GT voxels paper"]
@@ -114,7 +122,7 @@ def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
             row += [
                 _cell(cells.get((setup, s), [])),
                 "–" if p is None else f"{p:.3f}",
-                _cell(dense.get((setup, s), [])),
+                _cell(all_vox.get((setup, s), [])),
             ]
             if cells.get((setup, s)):
                 curve.setdefault(f"S{s}", {})[setup] = mean(cells[(setup, s)])
@@ -167,6 +175,18 @@ def build_report(paths: list[Path], out: Path) -> str:
             f"error: no finished run (metrics.json) under {', '.join(map(str, paths))}"
         )
     lines = ["# sparse3d results", "", f"{len(runs)} finished runs. Paper: {paper['source']}.", ""]
+    lines += [
+        "Ours: IoU on the held-out slices, less the voxels where they cross training slices; "
+        "all voxels: IoU on every voxel of the dense ground truth.",
+        "",
+    ]
+    legacy = sum(1 for r in runs if r.get("_legacy_heldout"))
+    if legacy:
+        lines += [
+            f"Note: {legacy} run(s) come from an earlier version whose held-out IoU also counted "
+            "the crossings with training slices.",
+            "",
+        ]
     lines += _protocol_table(
         runs,
         "semi_cv",

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,18 +108,39 @@ def _target_params(target: str) -> set[str]:
 
 
 def _inject(node: Any, extras: dict[str, Any]) -> Any:
-    """Fill ``spatial_size`` and friends into transform configs whose target accepts them."""
+    """Set ``spatial_size`` and friends in transform configs whose target accepts them.
+
+    ``extras`` are runtime facts of the model and the data (tile sizes, voxel size, ignore
+    code): they replace whatever a config file says, so a transform never labels voxels with
+    another data set's ignore code."""
     if isinstance(node, dict):
         node = {k: _inject(v, extras) for k, v in node.items()}
         if "_target_" in node:
             params = _target_params(node["_target_"])
             for k, v in extras.items():
-                if k in params and k not in node:
-                    node[k] = v
+                if k not in params:
+                    continue
+                old = node.get(k)
+                if old is not None and _as_plain(old) != _as_plain(v):
+                    log.warning(
+                        "augment: %s %s=%s from the config replaced by %s from the data/model",
+                        node["_target_"].rpartition(".")[2],
+                        k,
+                        old,
+                        v,
+                    )
+                node[k] = v
         return node
     if isinstance(node, list):
         return [_inject(v, extras) for v in node]
     return node
+
+
+def _as_plain(value: Any) -> Any:
+    """Sequences as lists of floats, so ``[2, 1]`` equals ``(2.0, 1.0)`` when comparing."""
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+    return float(value) if isinstance(value, (int, float)) else value
 
 
 def build_transform(aug_cfg: DictConfig, extras: dict[str, Any]):
@@ -187,14 +209,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from sparse3d.callbacks import ProgressLog
     from sparse3d.data.annotation import slice_mask
-    from sparse3d.data.volume import open_volume
+    from sparse3d.data.volume import VolumeFormatError, open_volume
     from sparse3d.datamodule import SparseDataModule
     from sparse3d.labels import LabelSpec
     from sparse3d.losses import MaskedCrossEntropy, balanced_class_weights
     from sparse3d.module import SegmentationModule
 
     quiet_lightning()
+    _check_launch(cfg)
     run_dir = Path(run_dir)
     done = read_metrics(run_dir)
     if done is not None and not cfg.force and cfg.ckpt_path is None:
@@ -209,9 +233,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     paths = resolve_volumes(cfg.data)
     metas, shapes = {}, {}
     for name, p in paths.items():
-        with open_volume(p) as v:
-            metas[name] = v.meta
-            shapes[name] = v.shape_zyx
+        try:
+            with open_volume(p) as v:
+                metas[name] = v.meta
+                shapes[name] = v.shape_zyx
+        except VolumeFormatError as err:  # names the file; one line, before any training
+            raise UserError(" ".join(str(err).split())) from None
     first = metas[sorted(metas)[0]]
     labels: LabelSpec = first.labels
     split = build_split(cfg, metas, shapes)
@@ -254,6 +281,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         batch_size=int(cfg.data.batch_size),
         samples_per_epoch=int(cfg.data.samples_per_epoch),
         num_workers=int(cfg.data.num_workers),
+        pin_memory=cfg.data.get("pin_memory"),
+        persistent_workers=bool(cfg.data.get("persistent_workers", True)),
         transform=transform,
         margin=margin,
         seed=int(cfg.seed),
@@ -296,11 +325,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         save_last=True,
         save_top_k=-1,
     )
+    callbacks = [ckpt_cb, LearningRateMonitor(logging_interval="step")]
+    progress_bar = _progress_bar(cfg.trainer)
+    if not progress_bar:
+        callbacks.append(ProgressLog())  # log lines instead of bar redraws in a piped log
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=loggers,
-        callbacks=[ckpt_cb, LearningRateMonitor(logging_interval="step")],
+        callbacks=callbacks,
+        enable_progress_bar=progress_bar,
+        **_trainer_extras(cfg.trainer),
     )
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     in_sync = _ranks_in_sync(trainer, module)
@@ -309,12 +344,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if trainer.is_global_zero:
         # whole-volume evaluation on one process (paper Sec. 4: IoU on the held-out slices)
-        module.reset_evaluation()
-        for batch in dm.val_dataloader():
-            module.evaluate_volume(batch)
-        for lg in trainer.loggers:
-            lg.log_metrics(module.evaluation_scalars(sync=False), step=trainer.global_step)
-        conf = module.evaluation_confusion(sync=False)
+        conf = _evaluate_after_fit(trainer, module, dm)
         vox_total = sum(int(np.prod(shapes[n])) for n in split.train)
         vox_train = sum(
             int(slice_mask(shapes[n], {a: tuple(v) for a, v in split.train[n].items()}).sum())
@@ -338,16 +368,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "world_size": int(trainer.world_size),
             "ranks_in_sync": in_sync,
             "seconds": round(train_seconds, 1),
+            # held-out slices less their crossings with training slices (the paper's test)
             "heldout": _summary(conf.get("heldout"), labels.class_names),
-            "dense": _summary(conf.get("dense"), labels.class_names),
+            # held-out slices including the crossings with training slices (earlier "heldout")
+            "heldout_all": _summary(conf.get("heldout_all"), labels.class_names),
+            # every voxel of the dense ground truth, annotated ones included (earlier "dense")
+            "all_voxels": _summary(conf.get("all_voxels"), labels.class_names),
         }
         _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metrics)
         write_json_atomic(run_dir / METRICS, metrics)
         log.info(
-            "%s: held-out IoU %s, dense IoU %s (%s)",
+            "%s: held-out IoU %s, IoU over all voxels %s (%s)",
             run_name,
             _fmt(metrics["heldout"]),
-            _fmt(metrics["dense"]),
+            _fmt(metrics["all_voxels"]),
             run_dir / METRICS,
         )
     if wandb_logger is not None:
@@ -372,16 +406,128 @@ def _warm_start(net, path: Path) -> None:
     log.info("warm start from %s", path)
 
 
-def _ranks_in_sync(trainer, module) -> bool:
-    """Whether every process ends with the same weights (one model trained together)."""
+def _evaluate_after_fit(trainer, module, dm) -> dict[str, np.ndarray]:
+    """Whole-volume evaluation of every test volume on this process, on the device training ran
+    on (Lightning's teardown leaves the module on the CPU); logs the IoU scalars and returns the
+    confusion matrices. The module is back on the CPU afterwards, for saving."""
     import torch
+
+    device = trainer.strategy.root_device
+    module.to(device)
+    try:
+        module.reset_evaluation()
+        for batch in dm.evaluation_dataloader():
+            module.evaluate_volume(batch)
+        for lg in trainer.loggers:
+            lg.log_metrics(module.evaluation_scalars(sync=False), step=trainer.global_step)
+        return module.evaluation_confusion(sync=False)
+    finally:
+        module.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _local_processes(trainer_cfg: DictConfig) -> int:
+    """Processes per node the trainer will run (``devices``; ``auto`` counts visible GPUs)."""
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, int):
+        return max(devices, 1) if devices != -1 else _local_processes({"devices": "auto"})
+    text = str(devices).strip()
+    if text.isdigit():
+        return max(int(text), 1)
+    if text not in ("auto", "-1"):  # "0,1" or a list of device indices
+        return len([d for d in text.strip("[]").split(",") if d.strip()])
+    if str(trainer_cfg.get("accelerator", "auto")) == "cpu":
+        return 1
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def _check_ddp_launch(trainer_cfg: DictConfig, mode: str | None, launcher: str | None) -> None:
+    """Refuse a multi-process trainer inside a local sweep (``-m`` without a SLURM launcher).
+
+    Lightning starts the other processes of a local DDP job by re-running the command line, and
+    under ``-m`` that is the whole sweep again in every process. Under the SLURM launcher each
+    task is a process of its own (nothing re-runs), and a single job (no ``-m``) re-runs fine.
+    """
+    if str(mode).rsplit(".", 1)[-1] != "MULTIRUN" or "submitit" in str(launcher).lower():
+        return
+    if "spawn" in str(trainer_cfg.get("strategy", "auto")):
+        return  # spawned processes do not re-run the command line
+    n = _local_processes(trainer_cfg)
+    if n > 1 or int(trainer_cfg.get("num_nodes", 1) or 1) > 1:
+        raise UserError(
+            f"a multirun sweep (-m) cannot train with {n} processes per job on this machine "
+            "(Lightning's DDP re-runs the command line, sweep included, for each process): sweep "
+            "with hydra/launcher=slurm, or run the jobs one at a time without -m"
+        )
+
+
+def _check_launch(cfg: DictConfig) -> None:
+    """:func:`_check_ddp_launch` for the running Hydra job (nothing outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    _check_ddp_launch(cfg.trainer, str(hc.mode), str(hc.launcher.get("_target_", "")))
+
+
+def _uses_cuda(trainer_cfg: DictConfig) -> bool:
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def _trainer_extras(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``Trainer`` arguments that replace what would break on the configured hardware.
+
+    * ``sync_batchnorm``: sparse3d's synchronised BatchNorm, which keeps ``PaperBatchNorm``'s
+      test-time statistics (Lightning's own conversion turns it into a plain BatchNorm).
+    * ``deterministic: true`` on CUDA: ``"warn"`` (MaxPool3d's backward has no deterministic
+      CUDA kernel, so ``true`` raises at the first step); everything else stays deterministic.
+    """
+    extras: dict[str, Any] = {}
+    if trainer_cfg.get("sync_batchnorm"):
+        from hydra.utils import instantiate
+
+        from sparse3d.parallel import PaperSyncBatchNorm
+
+        given = instantiate(trainer_cfg.get("plugins") or [])
+        extras["plugins"] = [*given, PaperSyncBatchNorm()]
+    if trainer_cfg.get("deterministic") is True and _uses_cuda(trainer_cfg):
+        log.warning(
+            "trainer.deterministic=true is impossible on CUDA (MaxPool3d backward): using 'warn'"
+        )
+        extras["deterministic"] = "warn"
+    return extras
+
+
+def _ranks_in_sync(trainer, module) -> bool:
+    """Whether every process ends with the same weights (one model trained together).
+
+    The gather runs on the process group's device, not the module's: after ``fit`` Lightning
+    has moved the module to the CPU, and NCCL only moves CUDA tensors."""
+    import torch
+
+    from sparse3d.distributed import collective_device
 
     with torch.no_grad():
         total = torch.stack([p.detach().double().sum() for p in module.net.parameters()]).sum()
-    gathered = trainer.strategy.all_gather(total.to(module.device))
+    device = collective_device(trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(total.to(device))
     return bool(
         torch.allclose(gathered.reshape(-1), gathered.reshape(-1)[0].expand(gathered.numel()))
     )
+
+
+def _progress_bar(trainer_cfg: DictConfig) -> bool:
+    """Lightning's progress bar only where stdout (where it draws) is a terminal, unless the
+    trainer config chooses (``trainer.enable_progress_bar``); without it, log lines."""
+    chosen = trainer_cfg.get("enable_progress_bar")
+    return bool(chosen) if chosen is not None else sys.stdout.isatty()
 
 
 def _fmt(s: dict[str, Any] | None) -> str:
@@ -420,7 +566,7 @@ def _write_outputs(run_dir, module, dm, labels, model_meta, wandb_logger, metric
         )
     if wandb_logger is not None:
         rows = []
-        for tag in ("heldout", "dense"):
+        for tag in ("heldout", "heldout_all", "all_voxels"):
             s = metrics.get(tag)
             if s:
                 rows.append([tag, *[s["iou"][n] for n in labels.class_names], s["mean"]])

@@ -165,7 +165,9 @@ def _read_nrrd(path: Path) -> SourceArray:
     try:
         data, header = nrrd.read(str(path), index_order="F")
     except Exception as err:  # pynrrd raises NRRDError, OSError, ValueError
-        raise ConvertError(f"{path}: not a readable NRRD file ({err})") from None
+        raise ConvertError(
+            f"{path}: not a readable NRRD file ({str(err) or type(err).__name__})"
+        ) from None
     ndim = data.ndim
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * ndim)]
     spatial = [k in ("domain", "space") for k in kinds] if len(kinds) == ndim else [True] * ndim
@@ -267,8 +269,20 @@ def _reader_for(path: Path) -> Callable[[Path], SourceArray]:
     )
 
 
+_FORMAT_NAMES: dict[Callable[[Path], SourceArray], str] = {
+    _read_tiff: "TIFF",
+    _read_nifti: "NIfTI",
+    _read_nrrd: "NRRD",
+    _read_zarr: "Zarr",
+}
+
+
 def read_source(path: str | os.PathLike[str]) -> SourceArray:
-    """Read an image or label file in its native axis order (see the module docstring)."""
+    """Read an image or label file in its native axis order (see the module docstring).
+
+    Raises:
+        ConvertError: one line naming the file, whatever went wrong while reading it.
+    """
     path = Path(path)
     reader = _reader_for(path)
     if not path.exists():
@@ -277,11 +291,15 @@ def read_source(path: str | os.PathLike[str]) -> SourceArray:
         raise ConvertError(f"{path}: is a directory")
     try:
         return reader(path)
-    except ConvertError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        msg = " ".join(str(err).split())
-        raise ConvertError(f"{path}: could not read ({type(err).__name__}: {msg})") from None
+    except ConvertError as err:
+        raise ConvertError(" ".join(str(err).split())) from None  # one line
+    except Exception as err:  # a corrupt file makes readers fail in any way (IndexError, EOF...)
+        msg = " ".join(str(err).split()) or "no details"
+        kind = _FORMAT_NAMES.get(reader, "")
+        raise ConvertError(
+            f"{path}: not a readable {kind} file (truncated or corrupt?): "
+            f"{type(err).__name__}: {msg}"
+        ) from None
 
 
 def _to_zyx(

@@ -222,10 +222,16 @@ class _SeededTiles(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Item ``index`` of the current epoch, or of ``epoch`` for ``index = (epoch, i)`` (what
+        a sampler passes to persistent DataLoader workers, whose copy of the dataset keeps the
+        epoch it was made in)."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
         if not 0 <= index < self.samples_per_epoch:
             raise IndexError(f"dataset: index {index} out of range {self.samples_per_epoch}")
-        return self._item(np.random.default_rng([self.seed, self.epoch, int(index)]))
+        return self._item(np.random.default_rng([self.seed, int(epoch), int(index)]))
 
     def _item(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError

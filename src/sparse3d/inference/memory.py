@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 SAFETY = 1.15
 #: At most this many candidate tile sizes per axis are compared.
 MAX_AXIS_CANDIDATES = 40
+#: Most elements one tensor of a pass may have: CUDA kernels (and some CPU ones) index with
+#: 32-bit integers, so a bigger activation fails however much memory the device has.
+MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ def _trace(meta_net: UNet, spatial: tuple[int, ...], skip_shapes: SkipShapes):
 @dataclass
 class _TensorModel:
     const: float  # product of non-spatial sizes (x itemsize for bytes)
+    itemsize: int
     beta: np.ndarray  # (3,) per axis; size = (n + beta) / gamma, gamma 0 = not spatial
     gamma: np.ndarray
 
@@ -164,7 +168,7 @@ class NetProfile:
                     continue
                 g = (n2 - n1) / (b - a)
                 gamma[axis], beta[axis] = g, a * g - n1
-            self._models[tid] = _TensorModel(const, beta, gamma)
+            self._models[tid] = _TensorModel(const, int(itemsize), beta, gamma)
 
     # -- evaluation ------------------------------------------------------------------------------
     def _numel_bytes(self, tid: int, nz, ny, nx) -> np.ndarray:
@@ -190,10 +194,29 @@ class NetProfile:
                 peak = np.maximum(peak, live)
             else:
                 live = live - sizes.pop(e[1])
-        host_in = 4.0 * self.in_channels * nz * ny * nx
-        host_out = 4.0 * self.num_classes * self._out(nz) * self._out(ny) * self._out(nx)
-        total = SAFETY * (peak + host_in + host_out)
+        total = SAFETY * (peak + self._host(nz, ny, nx))
         return float(total) if total.ndim == 0 else total
+
+    def _host(self, nz, ny, nx) -> np.ndarray:
+        host_in = 4.0 * self.in_channels * nz * ny * nx
+        return host_in + 4.0 * self.num_classes * self._out(nz) * self._out(ny) * self._out(nx)
+
+    def host_bytes(self, tile_zyx) -> np.ndarray | float:
+        """Host memory of one tile (or arrays of tiles) outside the pass itself: the input tile
+        and the output logits, float32, times :data:`SAFETY` (part of :meth:`peak_bytes`)."""
+        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+        total = SAFETY * self._host(nz, ny, nx)
+        return float(total) if np.ndim(total) == 0 else total
+
+    def max_elements(self, tile_zyx) -> np.ndarray | float:
+        """Elements of the largest tensor of a pass over one tile (or arrays of tiles), batch
+        of one (see :data:`MAX_TENSOR_ELEMENTS`)."""
+        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+        top = np.zeros(np.broadcast(nz, ny, nx).shape)
+        for m in self._models.values():
+            n = m.const / m.itemsize * m.axis_factor(0, nz) * m.axis_factor(1, ny)
+            top = np.maximum(top, n * m.axis_factor(2, nx))
+        return float(top) if top.ndim == 0 else top
 
     def _out(self, n: np.ndarray) -> np.ndarray:
         flat = [self.geometry.output_size(int(v)) or 0 for v in np.ravel(n)]
@@ -234,7 +257,9 @@ def available_memory_bytes(device: torch.device) -> int:
     """Free memory of ``device``: CUDA free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory PyTorch's allocator holds but no tensor uses is free for this process too
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -253,6 +278,25 @@ def default_memory_budget(device: torch.device) -> int:
     85 % of the free GPU memory on CUDA."""
     frac = 0.85 if device.type == "cuda" else 0.5
     return int(frac * available_memory_bytes(device))
+
+
+def needs_streaming(
+    held_bytes: float,
+    tile_peak_bytes: float,
+    tile_host_bytes: float,
+    device: torch.device,
+    host_budget_bytes: float,
+) -> bool:
+    """Whether predicting a volume in memory would overrun the host's memory budget.
+
+    Like is compared with like: the in-memory path holds ``held_bytes`` of host RAM (the image
+    and the results); on the CPU the tile pass (``tile_peak_bytes``, :meth:`NetProfile.peak_bytes`)
+    runs in that same RAM, on a GPU only its host-side input and output copies
+    (``tile_host_bytes``, :meth:`NetProfile.host_bytes`) do: the pass itself lives in device
+    memory, which the tile layout already fits to the GPU's budget.
+    """
+    tile = tile_peak_bytes if device.type == "cpu" else tile_host_bytes
+    return held_bytes + tile > host_budget_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +375,7 @@ def choose_plan(
     overlap: float = 0.25,
     tile_zyx: Sequence[int] | None = None,
     tile_overhead_macs: float = 2e9,
+    max_elements: float = MAX_TENSOR_ELEMENTS,
 ) -> PlanChoice:
     """Tile layout of least compute whose largest tile fits ``budget_bytes``.
 
@@ -340,13 +385,21 @@ def choose_plan(
     tile is returned. If nothing fits, the layout of least memory is returned with
     ``fits=False``. ``tile_overhead_macs`` charges each tile a fixed cost (per-tile work
     outside the convolutions, about 30 ms on a 2-core CPU), so that of two layouts of nearly equal
-    compute the one with fewer tiles wins.
+    compute the one with fewer tiles wins. No tile's largest tensor may exceed ``max_elements``
+    (:data:`MAX_TENSOR_ELEMENTS`, whatever the budget); an explicit ``tile_zyx`` beyond it is a
+    ValueError.
     """
     shape_zyx = tuple(int(n) for n in shape_zyx)
     padding = net.geometry.padding
     if tile_zyx is not None:
         axes = axis_plans_for_tile(shape_zyx, tile_zyx, net, overlap)
         plan = TilePlan(shape_zyx, axes, padding)
+        elements = float(profile.max_elements(plan.tile_zyx))
+        if elements > max_elements:
+            raise ValueError(
+                f"tile {tuple(plan.tile_zyx)} makes a tensor of {elements:.3g} elements, more than "
+                f"the {max_elements:.0f} one tensor may have: choose a smaller tile"
+            )
         peak = float(profile.peak_bytes(plan.tile_zyx, bytes_per_value))
         macs = profile.grid_macs([a.in_sizes for a in axes])
         return PlanChoice(plan, peak, macs, budget_bytes, peak <= budget_bytes)
@@ -363,12 +416,13 @@ def choose_plan(
     total = profile.grid_macs_from_sums(sums, counts)
     ntiles = counts[0] * counts[1] * counts[2]
     cost = total + tile_overhead_macs * ntiles + 1e-6 * ntiles
-    ok = peak <= budget_bytes
+    small = np.broadcast_to(profile.max_elements(tile) <= max_elements, idx[0].shape)
+    ok = (peak <= budget_bytes) & small
     if ok.any():
         best = int(np.argmin(np.where(ok, cost, np.inf)))
         fits = True
     else:
-        best = int(np.argmin(peak))
+        best = int(np.argmin(np.where(small, peak, np.inf) if small.any() else peak))
         fits = False
     axes = tuple(cands[a][idx[a][best]] for a in range(3))
     plan = TilePlan(shape_zyx, axes, padding)  # type: ignore[arg-type]
@@ -380,6 +434,7 @@ def format_bytes(n: float) -> str:
 
 
 __all__ = [
+    "MAX_TENSOR_ELEMENTS",
     "NetProfile",
     "PlanChoice",
     "axis_plans_for_tile",
@@ -388,4 +443,5 @@ __all__ = [
     "count_macs",
     "default_memory_budget",
     "format_bytes",
+    "needs_streaming",
 ]

@@ -40,11 +40,13 @@ from sparse3d.data.normalize import apply_percentiles, channel_percentiles
 from sparse3d.inference.bn import BN_MODES, has_batchnorm, prepare_for_inference, recalibrate_bn
 from sparse3d.inference.forward import SkipShapes, lean_forward
 from sparse3d.inference.memory import (
+    MAX_TENSOR_ELEMENTS,
     NetProfile,
     PlanChoice,
     choose_plan,
     default_memory_budget,
     format_bytes,
+    needs_streaming,
 )
 from sparse3d.inference.precision import (
     autocast_context,
@@ -154,9 +156,11 @@ class Predictor:
         meta: model meta (normalisation, class and channel names); None = no normalisation.
         tile_zyx: explicit input tile (must be legal for the network); None = chosen from the
             memory budget.
-        memory_budget_gb: memory one tile may use (activations, estimated by
-            ``memory.NetProfile``); None = half of the free host memory (CPU) or 85 % of the free
-            GPU memory.
+        memory_budget_gb: memory one tile may use on the prediction device (activations,
+            estimated by ``memory.NetProfile``); None = half of the free host memory (CPU) or
+            85 % of the free GPU memory (counting the allocator's cache; emptied between
+            volumes). No tensor of a pass exceeds ``memory.MAX_TENSOR_ELEMENTS`` elements,
+            whatever the budget (tiles and batches are made smaller).
         precision: ``"auto"`` | ``"bf16"`` | ``"fp32"`` (see ``inference.precision``).
         bn_mode: ``"recalibrate"`` (default) | ``"batch"`` (paper, per tile) | ``"running"``.
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:1"`` ...
@@ -234,9 +238,29 @@ class Predictor:
         return 2 if self.precision == "bf16" else 4
 
     def budget_bytes(self) -> float:
+        """Memory a tile pass may use on the prediction device."""
         if self.memory_budget_gb is not None:
             return float(self.memory_budget_gb) * 2**30
         return float(default_memory_budget(self.device))
+
+    def host_budget_bytes(self) -> float:
+        """Host RAM the in-memory path may hold: the budget itself on the CPU (tiles, volume and
+        results share it), half of the free host memory when predicting on a GPU."""
+        if self.device.type == "cpu":
+            return self.budget_bytes()
+        return float(default_memory_budget(torch.device("cpu")))
+
+    def _batch_for(self, tile_zyx: Sequence[int], wanted: int) -> int:
+        """Tiles per pass: ``wanted``, fewer if the batch would make a tensor of more than
+        :data:`~sparse3d.inference.memory.MAX_TENSOR_ELEMENTS` elements."""
+        per_tile = max(float(self.profile.max_elements(tuple(tile_zyx))), 1.0)
+        return max(1, min(int(wanted), int(MAX_TENSOR_ELEMENTS // per_tile)))
+
+    def _free_device_cache(self) -> None:
+        """Return the CUDA allocator's cached blocks, so that the next volume's layout is chosen
+        from (and may use) all free memory, and other processes see it free."""
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def plan(self, shape_zyx: Sequence[int], auto: bool = False) -> PlanChoice:
         """The tile layout used for a volume of ``shape_zyx`` (``auto``: ignore ``tile_zyx``,
@@ -322,8 +346,10 @@ class Predictor:
             tiles = calib_plan.tiles
             bar = self._bar(len(tiles), "recalibrating BN")
 
+            calib_bs = self._batch_for(calib_plan.tile_zyx, self.batch_size)
+
             def batches() -> Iterator[torch.Tensor]:
-                for group in self._batches(tiles, self.batch_size):
+                for group in self._batches(tiles, calib_bs):
                     x = np.stack([self._load(read, plan.shape_zyx, t, pct, where) for t in group])
                     yield self._to_device(x)
                     bar.update(len(group))
@@ -345,6 +371,13 @@ class Predictor:
 
     def _run(self, read: Reader, shape_zyx, sink, pct, where: str, streamed: bool) -> None:
         t0 = time.perf_counter()
+        self._free_device_cache()
+        try:
+            self._run_tiles(read, shape_zyx, sink, pct, where, streamed, t0)
+        finally:
+            self._free_device_cache()
+
+    def _run_tiles(self, read: Reader, shape_zyx, sink, pct, where: str, streamed, t0) -> None:
         choice = self.plan(shape_zyx)
         plan = choice.plan
         if not choice.fits:
@@ -363,7 +396,7 @@ class Predictor:
             format_bytes(choice.budget_bytes),
         )
         net, mode, calib_s = self._inference_net(plan, read, pct, where)
-        bs = 1 if mode == "batch" else self.batch_size
+        bs = 1 if mode == "batch" else self._batch_for(plan.tile_zyx, self.batch_size)
         tiles = plan.tiles
         autocast = autocast_context(self.device, self.precision)
         with self._bar(len(tiles), "predicting") as bar, torch.inference_mode():
@@ -476,7 +509,8 @@ class Predictor:
             overview_png: also write a PNG overview (orthogonal slices) here.
             overwrite: replace existing outputs (otherwise FileExistsError before any work).
             stream: read tiles from the file and stream results to disk; None = only when the
-                volume and its results do not fit the memory budget.
+                volume and its results do not fit the host's memory (``memory.needs_streaming``:
+                with the tile pass on the CPU, its host-side copies on a GPU).
             attrs: extra root attributes of the result file (e.g. the model file).
 
         Returns:
@@ -573,8 +607,14 @@ class Predictor:
             held += n * k * np.dtype(self.probabilities_dtype).itemsize
         if self.net.geometry.padding != "valid":
             held += n * 4 * (k + 1)  # blending accumulators
-        peak = self.plan(shape).peak_bytes
-        return held + peak > self.budget_bytes()
+        tile = self.plan(shape).plan.tile_zyx
+        return needs_streaming(
+            held,
+            float(self.profile.peak_bytes(tile, self.bytes_per_value)),
+            float(self.profile.host_bytes(tile)) * self.batch_size,
+            self.device,
+            self.host_budget_bytes(),
+        )
 
     def _warn_voxel_size(self, voxel_size, where: str) -> None:
         want = None if self.meta is None else self.meta.voxel_size_zyx_um

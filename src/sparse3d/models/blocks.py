@@ -49,6 +49,80 @@ class PaperBatchNorm(_BatchNorm):
         return super().forward(input)
 
 
+class PaperSyncBatchNorm(nn.SyncBatchNorm):
+    """:class:`PaperBatchNorm` for multi-process training: training statistics are pooled over
+    the processes (``torch.nn.SyncBatchNorm``); the test-time behaviour (``eval_stats``) is
+    PaperBatchNorm's, and ``"batch"`` statistics at test time are the local batch's, so a single
+    process can evaluate without the others.
+
+    Made by :func:`sync_paper_batchnorm` from a PaperBatchNorm and turned back by
+    :func:`unsync_paper_batchnorm`; both share parameters and buffers.
+    """
+
+    def __init__(self, num_features: int, eval_stats: str = "batch", **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.eval_stats = eval_stats
+
+    eval_stats = PaperBatchNorm.eval_stats
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_stats == "batch":
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(input)
+
+
+def _move_norm_state(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
+    """Give ``dst`` the parameters and buffers of ``src`` (the same tensors, not copies)."""
+    if src.affine:
+        dst.weight, dst.bias = src.weight, src.bias
+    if src.track_running_stats:
+        dst.running_mean, dst.running_var = src.running_mean, src.running_var
+        dst.num_batches_tracked = src.num_batches_tracked
+    dst.train(src.training)
+    return dst
+
+
+def _norm_kwargs(m: _BatchNorm) -> dict:
+    return {
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    }
+
+
+def sync_paper_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``module`` with every :class:`PaperBatchNorm` replaced by a :class:`PaperSyncBatchNorm`
+    (same parameters and buffers, same ``eval_stats``); returns the new root. Unlike
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` it keeps the test-time behaviour."""
+    out = module
+    if isinstance(module, PaperBatchNorm):
+        out = PaperSyncBatchNorm(
+            module.num_features,
+            eval_stats=module.eval_stats,
+            process_group=process_group,
+            **_norm_kwargs(module),
+        )
+        _move_norm_state(module, out)
+    for name, child in module.named_children():
+        out.add_module(name, sync_paper_batchnorm(child, process_group))
+    return out
+
+
+def unsync_paper_batchnorm(module: nn.Module) -> nn.Module:
+    """Inverse of :func:`sync_paper_batchnorm`: every :class:`PaperSyncBatchNorm` becomes a
+    :class:`PaperBatchNorm` again; returns the new root."""
+    out = module
+    if isinstance(module, PaperSyncBatchNorm):
+        out = PaperBatchNorm(
+            module.num_features, eval_stats=module.eval_stats, **_norm_kwargs(module)
+        )
+        _move_norm_state(module, out)
+    for name, child in module.named_children():
+        out.add_module(name, unsync_paper_batchnorm(child))
+    return out
+
+
 def make_norm(norm: str, channels: int, dim: int) -> nn.Module:
     if norm == "batch":
         return PaperBatchNorm(channels)

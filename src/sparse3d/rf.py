@@ -1,0 +1,414 @@
+"""Random-forest voxel classifier from sparse annotation, in the manner of ilastik's pixel
+classification (layer 1: numpy, scipy, scikit-learn; no Lightning, no Hydra).
+
+A fast baseline beside the paper's 3D U-Net for the same semi-automated use (Sec. 1, Fig. 1a):
+the user annotates a few slices, a classifier learns from those voxels alone and labels the rest.
+
+1. :func:`voxel_features` turns an image ``(C, Z, Y, X)`` into a stack of filter responses
+   ``(F, Z, Y, X)`` float32 at several scales (Gaussian smoothing, Laplacian of Gaussian,
+   Gaussian gradient magnitude, difference of Gaussians, structure-tensor and Hessian
+   eigenvalues) plus the intensity itself, after the per-channel percentile normalisation used
+   for the network (``sparse3d.data.normalize``).
+2. :class:`RandomForestSegmenter` fits scikit-learn's ``RandomForestClassifier`` to a
+   class-balanced random subsample of the labelled voxels and predicts class probabilities
+   ``(K, Z, Y, X)`` chunk by chunk.
+
+Scales are given in voxels of the finest axis. With a voxel size, each axis' sigma is divided by
+its voxel size relative to the finest one and derivatives are taken per finest-voxel length, so
+every filter is isotropic in physical space (an axis twice as coarse gets half the sigma in
+voxels).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from sparse3d.data.normalize import normalize_volume
+
+#: Scales (in voxels of the finest axis) of ilastik's default feature set.
+DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.0, 1.6, 3.5, 5.0)
+#: Structure tensor: derivatives at sigma, products integrated at this fraction of sigma
+#: (ilastik's inner and outer scales).
+STRUCTURE_OUTER_FRACTION = 0.5
+#: Progress bars are shown from this many voxels on (smaller volumes take a second or two).
+PROGRESS_MIN_VOXELS = 2_000_000
+#: Voxels per block of the closed-form eigenvalue computation (float64 temporaries).
+_EIG_BLOCK = 1 << 18
+
+#: Features at each sigma, in order (``dog`` from the second sigma on).
+_PER_SIGMA = (
+    *("gauss", "log", "gradmag", "dog"),
+    *("st_eig0", "st_eig1", "st_eig2"),
+    *("hess_eig0", "hess_eig1", "hess_eig2"),
+)
+
+
+def _sigmas(sigmas: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(s) for s in sigmas)
+    if not out or any(not math.isfinite(s) or s <= 0 for s in out):
+        raise ValueError(f"sigmas must be a non-empty list of positive numbers, got {sigmas!r}")
+    return out
+
+
+def _axis_ratios(voxel_size_zyx_um: Sequence[float] | None) -> np.ndarray:
+    """``(3,)`` voxel size of each axis over the finest one (all 1 without a voxel size)."""
+    if voxel_size_zyx_um is None:
+        return np.ones(3)
+    vs = np.asarray([float(v) for v in voxel_size_zyx_um])
+    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise ValueError(
+            f"voxel_size_zyx_um must be three positive numbers, got {voxel_size_zyx_um}"
+        )
+    return vs / vs.min()
+
+
+def feature_names(num_channels: int, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> list[str]:
+    """Names of the ``F`` features :func:`voxel_features` returns, in order.
+
+    Per channel: ``raw``, then for each sigma ``gauss``, ``log``, ``gradmag``, ``dog`` (from the
+    second sigma on: this sigma's smoothing minus the previous one's), the structure-tensor and
+    the Hessian eigenvalues in decreasing order.
+    """
+    sig = _sigmas(sigmas)
+    names = []
+    for c in range(num_channels):
+        names.append(f"ch{c}/raw")
+        for i, s in enumerate(sig):
+            names += [f"ch{c}/{f}@{s:g}" for f in _PER_SIGMA if f != "dog" or i > 0]
+    return names
+
+
+Map = Callable[[Callable, Iterable], Iterator]
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _derivatives(
+    image: np.ndarray, sigma_zyx: np.ndarray, ratio_zyx: np.ndarray, pmap: Map = map
+) -> dict[tuple[int, int, int], np.ndarray]:
+    """Gaussian derivatives of ``image (Z, Y, X)`` up to order 2, ``{(oz, oy, ox): array}``.
+
+    Separable filtering shares the passes between derivatives (19 one-dimensional passes for
+    the 10 responses instead of 30); each derivative is scaled to finest-voxel units. The
+    passes of one axis are independent and run through ``pmap`` (SciPy releases the GIL).
+    """
+    wanted = [
+        (0, 0, 0),
+        (1, 0, 0),
+        (0, 1, 0),
+        (0, 0, 1),
+        (2, 0, 0),
+        (0, 2, 0),
+        (0, 0, 2),
+        (1, 1, 0),
+        (1, 0, 1),
+        (0, 1, 1),
+    ]
+    level: dict[tuple[int, ...], np.ndarray] = {(): image}
+    for axis in range(3):
+        keys = sorted({w[: axis + 1] for w in wanted})
+
+        def one(key: tuple[int, ...], axis: int = axis, level=level) -> np.ndarray:
+            return ndi.gaussian_filter1d(
+                level[key[:-1]], sigma_zyx[axis], axis=axis, order=key[-1], output=np.float32
+            )
+
+        level = dict(zip(keys, pmap(one, keys), strict=True))
+    out = {}
+    for w in wanted:
+        arr = level[w]
+        scale = float(np.prod(ratio_zyx ** -np.asarray(w, dtype=float)))
+        if scale != 1.0:
+            arr *= np.float32(scale)
+        out[w] = arr
+    return out
+
+
+def symmetric_eigvals3(
+    a11: np.ndarray,
+    a22: np.ndarray,
+    a33: np.ndarray,
+    a12: np.ndarray,
+    a13: np.ndarray,
+    a23: np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Eigenvalues of the symmetric 3x3 matrices given by their six entries (arrays of one shape
+    ``S``) -> ``(3, *S)`` float32, decreasing along the first axis.
+
+    Closed form (trigonometric solution of the characteristic cubic), computed in float64 blocks
+    so memory stays bounded and no ``(..., 3, 3)`` stack is built.
+    """
+    shape = np.shape(a11)
+    if out is None:
+        out = np.empty((3, *shape), dtype=np.float32)
+    flat_in = [np.asarray(a).reshape(-1) for a in (a11, a22, a33, a12, a13, a23)]
+    flat_out = out.reshape(3, -1)
+    n = flat_in[0].size
+    for s in range(0, n, _EIG_BLOCK):
+        e = min(n, s + _EIG_BLOCK)
+        d1, d2, d3, o12, o13, o23 = (a[s:e].astype(np.float64) for a in flat_in)
+        q = (d1 + d2 + d3) / 3.0
+        d1 -= q
+        d2 -= q
+        d3 -= q
+        off = o12 * o12 + o13 * o13 + o23 * o23
+        p = np.sqrt((d1 * d1 + d2 * d2 + d3 * d3 + 2.0 * off) / 6.0)
+        safe = np.where(p > 0, p, 1.0)
+        # r = det((A - qI) / p) / 2, in [-1, 1] up to rounding
+        det = (
+            d1 * (d2 * d3 - o23 * o23) - o12 * (o12 * d3 - o23 * o13) + o13 * (o12 * o23 - d2 * o13)
+        )
+        r = np.clip(det / (2.0 * safe**3), -1.0, 1.0)
+        phi = np.arccos(r) / 3.0
+        big = q + 2.0 * p * np.cos(phi)
+        small = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+        flat_out[0, s:e] = big
+        flat_out[1, s:e] = 3.0 * q - big - small
+        flat_out[2, s:e] = small
+    return out
+
+
+def voxel_features(
+    image: np.ndarray,
+    voxel_size_zyx_um: Sequence[float] | None = None,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+) -> np.ndarray:
+    """Filter-bank features of every voxel: image ``(C, Z, Y, X)`` -> ``(F, Z, Y, X)`` float32.
+
+    Each channel is first normalised by its robust percentiles (1 -> 0, 99.5 -> 1;
+    ``sparse3d.data.normalize``). Per channel the features are the normalised intensity and, at
+    each sigma: Gaussian smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, the
+    difference of Gaussians with the previous sigma (from the second sigma on), the three
+    eigenvalues of the structure tensor (derivatives at sigma, integrated at sigma / 2) and the
+    three eigenvalues of the Hessian of Gaussian, eigenvalues in decreasing order;
+    ``F = C * (1 + 9 * len(sigmas) + len(sigmas) - 1)``, named by :func:`feature_names`.
+
+    Args:
+        image: ``(C, Z, Y, X)`` real array.
+        voxel_size_zyx_um: voxel size (z, y, x) in micrometres; filters are made isotropic in
+            physical space. None: voxels are cubes.
+        sigmas: scales in voxels of the finest axis.
+
+    Returns:
+        ``(F, Z, Y, X)`` float32, finite for finite input.
+    """
+    image = np.asarray(image)
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, Z, Y, X), got shape {image.shape}")
+    sig = _sigmas(sigmas)
+    ratio = _axis_ratios(voxel_size_zyx_um)
+    c = image.shape[0]
+    shape = image.shape[1:]
+    names = feature_names(c, sig)
+    feats = np.empty((len(names), *shape), dtype=np.float32)
+    norm = normalize_volume(image)
+    bar = tqdm(
+        total=c * len(sig),
+        desc="voxel features",
+        unit="scale",
+        leave=False,
+        disable=math.prod(shape) * c < PROGRESS_MIN_VOXELS,
+    )
+    k = 0
+    with bar, ThreadPoolExecutor(_workers()) as pool:
+        for ch in range(c):
+            feats[k] = norm[ch]
+            k += 1
+            previous = -1
+            for s in sig:
+                k, previous = _features_at(norm[ch], s, ratio, feats, k, previous, pool.map)
+                bar.update(1)
+    assert k == len(names)
+    return feats
+
+
+def _features_at(
+    channel: np.ndarray,
+    sigma: float,
+    ratio: np.ndarray,
+    feats: np.ndarray,
+    k: int,
+    previous: int,
+    pmap: Map = map,
+) -> tuple[int, int]:
+    """Write one channel's features at one ``sigma`` into ``feats[k:]``; returns the next index
+    and the index of this sigma's Gaussian (for the next difference of Gaussians)."""
+    sigma_zyx = sigma / ratio
+    d = _derivatives(channel, sigma_zyx, ratio, pmap)
+    gauss = k
+    feats[k] = d[0, 0, 0]
+    feats[k + 1] = d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2]  # Laplacian = trace of the Hessian
+    gz, gy, gx = d[1, 0, 0], d[0, 1, 0], d[0, 0, 1]
+    np.sqrt(gz * gz + gy * gy + gx * gx, out=feats[k + 2])
+    k += 3
+    if previous >= 0:
+        np.subtract(feats[gauss], feats[previous], out=feats[k])
+        k += 1
+    outer = STRUCTURE_OUTER_FRACTION * sigma_zyx
+
+    def smoothed_product(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return ndi.gaussian_filter(pair[0] * pair[1], outer, output=np.float32)
+
+    pairs = [(gz, gz), (gy, gy), (gx, gx), (gz, gy), (gz, gx), (gy, gx)]
+    symmetric_eigvals3(*pmap(smoothed_product, pairs), out=feats[k : k + 3])
+    k += 3
+    symmetric_eigvals3(
+        d[2, 0, 0], d[0, 2, 0], d[0, 0, 2], d[1, 1, 0], d[1, 0, 1], d[0, 1, 1], out=feats[k : k + 3]
+    )
+    return k + 3, gauss
+
+
+def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
+class RandomForestSegmenter:
+    """Random forest on voxel features, trained on the labelled voxels of a sparse annotation.
+
+    Args:
+        num_classes: K; class codes are ``0..K-1``.
+        ignore_index: code of unlabelled voxels.
+        n_trees: trees in the forest.
+        max_depth: tree depth limit (None: grown until pure).
+        samples_per_class: labelled voxels drawn at random per class for training (all when
+            fewer), so a class painted over many voxels does not drown a rare one.
+        seed: seeds the voxel subsample and the forest.
+        n_jobs: parallel jobs of the forest (-1: all cores).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int,
+        n_trees: int = 100,
+        max_depth: int | None = None,
+        samples_per_class: int = 20000,
+        seed: int = 0,
+        n_jobs: int = -1,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"need at least two classes, got num_classes={num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} collides with a class code")
+        if n_trees < 1 or samples_per_class < 1:
+            raise ValueError("n_trees and samples_per_class must be at least 1")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.n_trees = int(n_trees)
+        self.max_depth = None if max_depth is None else int(max_depth)
+        self.samples_per_class = int(samples_per_class)
+        self.seed = int(seed)
+        self.n_jobs = int(n_jobs)
+        self.forest = None
+        #: class codes present in the training voxels (columns of the forest's output)
+        self.classes_: np.ndarray | None = None
+        #: training voxels drawn per class
+        self.samples_: dict[int, int] = {}
+
+    def sample(self, label: np.ndarray) -> np.ndarray:
+        """Flat indices of the training voxels: up to ``samples_per_class`` labelled voxels of
+        each class, drawn at random (seeded), sorted."""
+        flat = np.asarray(label).reshape(-1)
+        codes = np.unique(flat)
+        bad = [int(v) for v in codes if v != self.ignore_index and not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(
+                f"label holds codes {bad[:10]} outside classes 0..{self.num_classes - 1} "
+                f"and ignore value {self.ignore_index}"
+            )
+        rng = np.random.default_rng(self.seed)
+        picked = []
+        self.samples_ = {}
+        for cls in range(self.num_classes):
+            idx = np.flatnonzero(flat == cls)
+            if idx.size > self.samples_per_class:
+                idx = rng.choice(idx, self.samples_per_class, replace=False)
+            if idx.size:
+                self.samples_[cls] = int(idx.size)
+                picked.append(idx)
+        if not picked:
+            raise ValueError("no labelled voxel to train on: every voxel is ignore_index")
+        return np.sort(np.concatenate(picked))
+
+    def fit(self, features: np.ndarray, label: np.ndarray) -> RandomForestSegmenter:
+        """Train on ``features (F, Z, Y, X)`` at the labelled voxels of ``label (Z, Y, X)``
+        (``ignore_index`` = unlabelled)."""
+        from sklearn.ensemble import RandomForestClassifier
+
+        features = np.asarray(features)
+        label = np.asarray(label)
+        if features.ndim != 4 or features.shape[1:] != label.shape:
+            raise ValueError(
+                f"features must be (F, Z, Y, X) and label (Z, Y, X) of the same grid, got "
+                f"{features.shape} and {label.shape}"
+            )
+        idx = self.sample(label)
+        x = np.ascontiguousarray(features.reshape(features.shape[0], -1)[:, idx].T, np.float32)
+        y = label.reshape(-1)[idx].astype(np.int64)
+        self.forest = RandomForestClassifier(
+            n_estimators=self.n_trees,
+            max_depth=self.max_depth,
+            n_jobs=self.n_jobs,
+            random_state=self.seed,
+        )
+        self.forest.fit(x, y)
+        self.classes_ = np.asarray(self.forest.classes_, dtype=np.int64)
+        return self
+
+    def predict_proba(self, features: np.ndarray, chunk_voxels: int = 1_000_000) -> np.ndarray:
+        """Class probabilities ``(K, Z, Y, X)`` float32 of every voxel of ``features
+        (F, Z, Y, X)``; classes absent from the training voxels get probability 0. Voxels are
+        classified ``chunk_voxels`` at a time to bound memory."""
+        if self.forest is None or self.classes_ is None:
+            raise RuntimeError("call fit() before predict_proba()")
+        features = np.asarray(features)
+        n_feat = features.shape[0]
+        if features.ndim != 4 or n_feat != self.forest.n_features_in_:
+            raise ValueError(
+                f"features must be (F, Z, Y, X) with F = {self.forest.n_features_in_} as in "
+                f"training, got shape {features.shape}"
+            )
+        shape = features.shape[1:]
+        flat = features.reshape(n_feat, -1)
+        n = flat.shape[1]
+        out = np.zeros((self.num_classes, n), dtype=np.float32)
+        spans = list(_spans(n, max(1, int(chunk_voxels))))
+        bar = tqdm(
+            spans, desc="random forest", unit="chunk", leave=False, disable=n < PROGRESS_MIN_VOXELS
+        )
+        for s, e in bar:
+            x = np.ascontiguousarray(flat[:, s:e].T)
+            out[self.classes_, s:e] = self.forest.predict_proba(x).T
+        return out.reshape(self.num_classes, *shape)
+
+
+def segment_rf(
+    image: np.ndarray,
+    label: np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+    voxel_size_zyx_um: Sequence[float] | None = None,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    **rf_kwargs,
+) -> np.ndarray:
+    """Dense class probabilities ``(K, Z, Y, X)`` float32 of ``image (C, Z, Y, X)`` from the
+    sparse annotation ``label (Z, Y, X)``: features (:func:`voxel_features` at ``sigmas``), a
+    forest fitted to the labelled voxels (:class:`RandomForestSegmenter`, ``rf_kwargs``), and
+    its prediction for every voxel."""
+    features = voxel_features(image, voxel_size_zyx_um, sigmas)
+    rf = RandomForestSegmenter(num_classes, ignore_index, **rf_kwargs).fit(features, label)
+    return rf.predict_proba(features)

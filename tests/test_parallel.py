@@ -1,0 +1,442 @@
+"""The GPU and multi-process paths, checked on the CPU: collectives on the process group's
+device, test-time BatchNorm kept under synchronised BatchNorm, SLURM/DDP configuration, rank
+guards, evaluation sharding and device, data loading options."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import sparse3d.distributed as sd
+from sparse3d.train import _ranks_in_sync
+
+
+class _RecordingStrategy:
+    """Stands in for a Lightning strategy: records the device of what it is asked to gather."""
+
+    def __init__(self, root_device: torch.device) -> None:
+        self.root_device = root_device
+        self.gathered_on: list[torch.device] = []
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.gathered_on.append(t.device)
+        return torch.ones(2, dtype=torch.float64)
+
+
+# -- 1: the rank-sync gather runs on the process group's device ----------------------------------
+def test_rank_sync_gathers_on_the_strategy_device_not_the_module_device():
+    """After fit, Lightning's teardown leaves the module on the CPU; NCCL needs CUDA tensors."""
+    module = types.SimpleNamespace(net=nn.Linear(2, 2), device=torch.device("cpu"))
+    strategy = _RecordingStrategy(torch.device("meta"))  # any device other than the module's
+    assert _ranks_in_sync(types.SimpleNamespace(strategy=strategy), module) is True
+    assert strategy.gathered_on == [torch.device("meta")]
+
+
+@pytest.mark.parametrize(
+    "backend,root,want",
+    [
+        ("nccl", "cuda:1", "cuda:1"),
+        ("gloo", "cuda:1", "cpu"),
+        ("gloo", "cpu", "cpu"),
+        ("cpu:gloo,cuda:nccl", "cuda:0", "cuda:0"),
+    ],
+)
+def test_collective_device_follows_the_backend(monkeypatch, backend, root, want):
+    monkeypatch.setattr(sd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sd.dist, "get_backend", lambda: backend)
+    assert sd.collective_device(torch.device(root)) == torch.device(want)
+
+
+def test_collective_device_without_a_process_group_is_the_training_device():
+    assert sd.collective_device(torch.device("meta")) == torch.device("meta")
+
+
+# -- 2: synchronised BatchNorm keeps the paper's test-time batch statistics ----------------------
+def _compose(overrides: list[str], hydra_cfg: bool = False):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sparse3d.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+class _Holder(torch.nn.Module):
+    """Stands in for the LightningModule Lightning converts (the net is a child)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def _norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "default"])
+def test_sync_batchnorm_keeps_paper_batchnorm(trainer):
+    """The configured model through Lightning's conversion path (``Trainer(sync_batchnorm=
+    True)``: apply before fit, revert after) keeps PaperBatchNorm and its test-time statistics."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    from sparse3d.models.blocks import PaperBatchNorm, PaperSyncBatchNorm
+    from sparse3d.train import _trainer_extras
+
+    cfg = _compose(
+        ["preset=smoke", "model=unet3d", f"trainer={trainer}", "++trainer.sync_batchnorm=true"]
+    )
+    torch.manual_seed(0)
+    net = instantiate(cfg.model.net)
+    assert cfg.model.net.bn_eval_stats == "batch" and _norms(net)
+    x = torch.randn(1, 3, *net.input_shape_for_output((4, 4, 4)))
+    with torch.no_grad():
+        want = net.eval()(x)
+    pl_trainer = instantiate(
+        cfg.trainer,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
+        **_trainer_extras(cfg.trainer),
+    )
+    layer_sync = pl_trainer.strategy._layer_sync
+    assert isinstance(layer_sync, TorchSyncBatchNorm)
+    # Lightning's own conversion path would lose the class and its eval_stats
+    lost = TorchSyncBatchNorm().revert(
+        TorchSyncBatchNorm().apply(_Holder(instantiate(cfg.model.net)))
+    )
+    assert not any(isinstance(m, PaperBatchNorm) for m in lost.modules())
+
+    holder = layer_sync.apply(_Holder(net))  # what DDPStrategy.setup does before fit
+    synced = _norms(holder)
+    assert synced and all(isinstance(m, PaperSyncBatchNorm) for m in synced)
+    assert all(m.eval_stats == "batch" for m in synced)
+    with torch.no_grad():  # a single process evaluates with its own batch statistics
+        torch.testing.assert_close(holder.net.eval()(x), want)
+    back = layer_sync.revert(holder)  # what DDPStrategy.teardown does after fit
+    norms = _norms(back)
+    assert norms and all(type(m) is PaperBatchNorm and m.eval_stats == "batch" for m in norms)
+    with torch.no_grad():
+        torch.testing.assert_close(back.net.eval()(x), want)
+
+
+def test_ddp_config_does_not_sync_batchnorm_by_default():
+    """The paper normalises each GPU's tile by itself; synchronising is opt-in."""
+    from sparse3d.train import _trainer_extras
+
+    cfg = _compose(["trainer=ddp"])
+    assert cfg.trainer.sync_batchnorm is False and _trainer_extras(cfg.trainer) == {}
+
+
+# -- 3: SLURM launcher and DDP agree; a local sweep with DDP is refused in one line --------------
+@pytest.mark.parametrize(
+    "extra,gpus,nodes",
+    [
+        ([], 1, 1),
+        (["hydra.launcher.gpus_per_node=4"], 4, 1),
+        (["hydra.launcher.gpus_per_node=2", "trainer.num_nodes=3"], 2, 3),
+    ],
+)
+def test_slurm_launcher_matches_ddp(extra, gpus, nodes):
+    from omegaconf import OmegaConf
+
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp", *extra], hydra_cfg=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert "SlurmLauncher" in launcher["_target_"]
+    # Lightning under SLURM: one process per task, tasks per node = devices, nodes = num_nodes
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == gpus
+    assert launcher["nodes"] == cfg.trainer.num_nodes == nodes
+    assert cfg.trainer.devices == "auto"  # = the GPUs SLURM gives the job
+
+
+def test_slurm_launcher_with_the_single_device_trainer():
+    from omegaconf import OmegaConf
+
+    cfg = _compose(["hydra/launcher=slurm"], hydra_cfg=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == cfg.trainer.devices == 1
+    assert launcher["nodes"] == 1
+
+
+@pytest.mark.parametrize(
+    "launcher,devices,refused",
+    [("basic", 2, True), ("basic", 1, False), ("slurm", 2, False)],
+)
+def test_local_sweep_with_ddp_is_refused(launcher, devices, refused):
+    from sparse3d.cli import UserError
+    from sparse3d.train import _check_ddp_launch
+
+    cfg = _compose(
+        [f"hydra/launcher={launcher}", "trainer=ddp", f"trainer.devices={devices}"], hydra_cfg=True
+    )
+    target = cfg.hydra.launcher._target_
+    _check_ddp_launch(cfg.trainer, "RUN", target)  # one job: Lightning's re-launch works
+    if refused:
+        with pytest.raises(UserError, match="hydra/launcher=slurm"):
+            _check_ddp_launch(cfg.trainer, "MULTIRUN", target)
+    else:
+        _check_ddp_launch(cfg.trainer, "MULTIRUN", target)
+
+
+def test_local_sweep_with_ddp_is_one_line_on_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "preset=smoke", "logger=none", "trainer=ddp", "trainer.accelerator=cpu"]
+    args += ["trainer.devices=2", f"data.root={tmp_path / 'data'}", f"runs_root={tmp_path}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse3d.train", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "hydra/launcher=slurm" in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+# -- 4: only rank 0 predicts and writes ----------------------------------------------------------
+def test_is_global_zero_reads_the_launcher_environment(monkeypatch):
+    for name in sd.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert sd.is_global_zero() and sd.global_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert not sd.is_global_zero() and sd.global_rank() == 3
+    monkeypatch.setenv("RANK", "0")  # torchrun's RANK comes first
+    assert sd.is_global_zero()
+
+
+def test_densify_predicts_and_writes_on_rank_zero_only(tmp_path, monkeypatch):
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import sparse3d.densify as dz
+    from sparse3d.cli import CONF_DIR
+    from sparse3d.data.volume import VolumeMeta, write_volume
+    from sparse3d.labels import LabelSpec
+
+    shape = (8, 12, 12)
+    label = np.full(shape, 2, np.uint8)
+    label[4] = np.arange(12)[None, :] % 2
+    meta = VolumeMeta((2.0, 1.0, 1.0), ("stain",), LabelSpec(("a", "b"), 2), {"z": (4,)})
+    src = write_volume(tmp_path / "vol.h5", np.ones((1, *shape), np.float32), label, meta)
+    out = tmp_path / "out"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("densify", overrides=["preset=smoke", f"out={out}", f"inputs=[{src}]"])
+    trained: list = []
+    monkeypatch.setattr(dz, "train", lambda cfg, run_dir: trained.append(run_dir) or {})
+    monkeypatch.setenv("RANK", "1")  # a second DDP process; no model.pt of its own
+    summary = dz.densify(cfg)
+    assert trained == [out / "run"] and summary["volumes"] == {}
+    assert not (out / "densify.json").exists() and not list(out.glob("*_seg.*"))
+
+
+# -- 5: trainer.deterministic=true does not crash on CUDA ----------------------------------------
+@pytest.mark.parametrize("cuda,want", [(False, True), (True, "warn")])
+def test_deterministic_true_becomes_warn_on_cuda(monkeypatch, cuda, want):
+    from sparse3d.train import _trainer_extras
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = _compose(["trainer.deterministic=true"])
+    extras = _trainer_extras(cfg.trainer)
+    assert extras.get("deterministic", cfg.trainer.deterministic) == want
+    assert _trainer_extras(_compose([]).trainer) == {}  # the default: nothing to replace
+
+
+# -- 6 and 7: evaluation counts each volume once under DDP; training loader options -------------
+def _datamodule(tmp_path, n_volumes: int = 3, **kwargs):
+    import numpy as np
+
+    from sparse3d.data.volume import VolumeMeta, write_volume
+    from sparse3d.datamodule import SparseDataModule
+    from sparse3d.labels import LabelSpec
+
+    shape = (10, 16, 16)
+    labels = LabelSpec(("a", "b"), 2)
+    paths = {}
+    for i in range(n_volumes):
+        rng = np.random.default_rng(i)
+        dense = rng.integers(0, 2, shape).astype(np.uint8)
+        meta = VolumeMeta((1.0, 1.0, 1.0), ("c",), labels)
+        image = rng.random((1, *shape), dtype=np.float32)
+        path = write_volume(tmp_path / f"v{i}.h5", image, dense, meta)
+        paths[f"v{i}"] = str(path)
+    dm = SparseDataModule(
+        volume_paths=paths,
+        train_slices={n: {"z": [2, 7]} for n in paths},
+        test_slices={n: {"z": [5], "y": [3]} for n in paths},
+        label_source="sparse",
+        labels=labels,
+        dim=3,
+        input_tile=(8, 8, 8),
+        output_tile=(4, 4, 4),
+        samples_per_epoch=6,
+        **kwargs,
+    )
+    dm.setup()
+    return dm
+
+
+def _fake_trainer(world: int = 1, rank: int = 0, device: str = "cpu", epoch: int = 0):
+    strategy = types.SimpleNamespace(root_device=torch.device(device))
+    return types.SimpleNamespace(
+        world_size=world, global_rank=rank, strategy=strategy, current_epoch=epoch
+    )
+
+
+@pytest.mark.parametrize("volumes", [1, 2, 3, 5])
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_evaluation_sampler_gives_each_volume_to_one_rank(volumes, ranks):
+    from sparse3d.datamodule import PLACEHOLDER, EvaluationSampler
+
+    data = list(range(volumes))
+    shards = [list(EvaluationSampler(data, ranks, r)) for r in range(ranks)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs as many validation steps
+    real = sorted(i for s in shards for i in s if i != PLACEHOLDER)
+    assert real == data  # each volume exactly once
+
+
+def _module(num_classes: int = 2):
+    import numpy as np
+
+    from sparse3d.losses import MaskedCrossEntropy
+    from sparse3d.models import UNet
+    from sparse3d.module import SegmentationModule
+
+    return SegmentationModule(
+        net=UNet(1, num_classes, base_channels=2, depth=2, norm="none"),
+        loss=MaskedCrossEntropy(num_classes, num_classes),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        scheduler=None,
+        class_names=tuple(f"c{i}" for i in range(num_classes)),
+        ignore_index=num_classes,
+        predict_volume=lambda net, image: (image[0] > 0.5).astype(np.uint8),
+        model_meta={},
+    )
+
+
+def test_sharded_validation_counts_each_volume_once(tmp_path):
+    """Two DDP ranks over three volumes: the pooled confusion equals one process's."""
+    import numpy as np
+
+    dm = _datamodule(tmp_path, n_volumes=3)
+    whole = _module()
+    for batch in dm.evaluation_dataloader():
+        whole.evaluate_volume(batch)
+    want = whole.evaluation_confusion(sync=False)
+    pooled = None
+    for rank in range(2):
+        dm.trainer = _fake_trainer(world=2, rank=rank)
+        module = _module()
+        steps = 0
+        for batch in dm.val_dataloader():  # what Lightning iterates on this rank
+            module.evaluate_volume(batch)
+            steps += 1
+        assert steps == 2
+        got = module.evaluation_confusion(sync=False)
+        pooled = got if pooled is None else {k: pooled[k] + got[k] for k in got}
+    assert want["heldout"].sum() > 0
+    for key in want:
+        np.testing.assert_array_equal(pooled[key], want[key])
+    # the evaluation after fit (rank 0 alone) sees every volume
+    assert len(list(dm.evaluation_dataloader())) == 3
+
+
+def test_training_loader_options(tmp_path):
+    dm = _datamodule(tmp_path)
+    loader = dm.train_dataloader()  # no trainer: no workers, pinned only with CUDA
+    assert loader.num_workers == 0 and not loader.persistent_workers
+    assert loader.pin_memory == torch.cuda.is_available()
+    dm.trainer = _fake_trainer(device="cuda")
+    assert dm.train_dataloader().pin_memory is True
+    dm.trainer = _fake_trainer(device="cpu")
+    assert dm.train_dataloader().pin_memory is False
+    dm.pin_memory, dm.num_workers, dm.persistent_workers = False, 2, True
+    loader = dm.train_dataloader()
+    assert loader.pin_memory is False and loader.persistent_workers and loader.num_workers == 2
+
+
+def test_persistent_workers_draw_each_epochs_tiles(tmp_path):
+    """Workers kept from epoch to epoch never see ``set_epoch``: the epoch travels with the
+    index, so epoch 1 gives epoch 1's tiles (as a fresh loader per epoch would)."""
+    dm = _datamodule(tmp_path, num_workers=1, persistent_workers=True, pin_memory=False)
+    dm.trainer = _fake_trainer(epoch=0)
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers and loader.num_workers == 1
+    reference = dm.train_dataset()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)  # what Lightning does at the start of each epoch
+        reference.set_epoch(epoch)
+        got = torch.cat([b["image"] for b in loader])
+        want = torch.stack([reference[i]["image"] for i in range(len(reference))])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gpu_preset_feeds_the_gpu_and_cpu_presets_stay_in_process():
+    paper = _compose(["preset=paper"])
+    assert paper.data.num_workers > 0 and paper.data.persistent_workers
+    assert paper.data.pin_memory is None  # = when training on CUDA
+    assert paper.trainer.reload_dataloaders_every_n_epochs == 0
+    for preset in ("cpu", "smoke", "laptop"):
+        assert _compose([f"preset={preset}"]).data.num_workers == 0
+
+
+# -- 8: the evaluation after fit runs where the model trained ------------------------------------
+def test_evaluation_after_fit_runs_on_the_training_device():
+    from sparse3d.train import _evaluate_after_fit
+
+    cpu = torch.device("cpu")
+
+    class Module:
+        """Records the device it is on whenever a volume is evaluated."""
+
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.seen: list[torch.device] = []
+
+        def to(self, device):
+            self.device = torch.device(device)
+            return self
+
+        def cpu(self):
+            return self.to("cpu")
+
+        def reset_evaluation(self):
+            self.seen.clear()
+
+        def evaluate_volume(self, batch):
+            self.seen.append(self.device)
+
+        def evaluation_scalars(self, sync):
+            return {"val/iou": 1.0}
+
+        def evaluation_confusion(self, sync):
+            return {"heldout": len(self.seen)}
+
+    logged = []
+    logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append((m, step)))
+    trainer = types.SimpleNamespace(
+        strategy=types.SimpleNamespace(root_device=torch.device("meta")),  # "the GPU"
+        loggers=[logger],
+        global_step=7,
+    )
+    dm = types.SimpleNamespace(evaluation_dataloader=lambda: [{"n": 1}, {"n": 2}])
+    module = Module()  # after fit: on the CPU
+    assert _evaluate_after_fit(trainer, module, dm) == {"heldout": 2}
+    assert module.seen == [torch.device("meta")] * 2
+    assert module.device == cpu and logged == [({"val/iou": 1.0}, 7)]
