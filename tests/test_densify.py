@@ -40,6 +40,11 @@ def _sparse(dense: np.ndarray, ignore: int) -> np.ndarray:
 
 
 def _cfg(out: Path, **overrides) -> object:
+    """densify's config; the paper network (``method=unet``) unless ``method`` is given, or
+    ``method=None`` for the default method."""
+    overrides.setdefault("method", "unet")
+    if overrides["method"] is None:
+        del overrides["method"]
     args = ["preset=smoke", "logger=none", f"out={out}", "trainer.max_steps=2"]
     args += [f"{k}={v}" for k, v in overrides.items()]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -226,3 +231,54 @@ def test_densify_rf_finishes_with_any_number_of_classes(num_classes, tmp_path):
 def test_densify_rejects_an_unknown_method(h5_input, tmp_path):
     with pytest.raises(UserError, match="unknown method 'svm'"):
         densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", method="svm"))
+
+
+# --------------------------------------------------------------------------------------------
+# method=refine (the default): forests, then a small network on image + forest probabilities
+
+REFINE = {
+    "method": None,
+    "rf.n_trees": 8,
+    "rf.sigmas": "[1.0,2.0]",
+    "rf.n_jobs": 1,
+    "refine.fold_trees": 4,
+    "refine.max_steps": 4,
+    "refine.time_budget_s": "null",
+    "refine.tile_zyx": "[8,16,16]",
+}
+
+
+def test_densify_default_refine_tiff_writes_result_picture_and_scores(tmp_path):
+    image, dense = _scene()
+    out = tmp_path / "out"
+    summary = densify(_cfg(out, **REFINE, **_tiff_inputs(tmp_path, image[0], dense)))
+    assert summary["method"] == "refine"
+    assert summary["steps"]["stack"]["steps"] == 4
+    entry = summary["volumes"]["stack"]
+    with h5py.File(entry["segmentation"], "r") as f:
+        pred = f["labels"][...]
+        assert f.attrs["method"] == "refine"
+    assert pred.shape == SHAPE and (out / "stack_seg.png").stat().st_size > 0
+    # forest and network averaged: the easy ball is found on the voxels nobody annotated
+    assert entry["unannotated"]["iou/mean"] > 0.85
+    assert json.loads((out / "densify.json").read_text())["method"] == "refine"
+
+
+def test_densify_refine_forests_only_matches_its_own_network_free_run(h5_input, tmp_path):
+    a = densify(_cfg(tmp_path / "a", inputs=f"[{h5_input}]", **{**REFINE, "refine.max_steps": 0}))
+    assert "network_seconds" not in a["steps"]["ball"]
+    assert a["volumes"]["ball"]["unannotated"]["iou/mean"] > 0.85
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_densify_refine_finishes_with_any_number_of_classes(num_classes, tmp_path):
+    _, _, x = np.indices(SHAPE)
+    dense = (x * num_classes // SHAPE[2]).astype(np.uint8)
+    noise = np.random.default_rng(num_classes).normal(0, 3, SHAPE)
+    image = (40.0 * dense + noise).astype(np.float32)
+    summary = densify(_cfg(tmp_path / "out", **REFINE, **_tiff_inputs(tmp_path, image, dense)))
+    entry = summary["volumes"]["stack"]
+    with h5py.File(entry["segmentation"], "r") as f:
+        pred = f["labels"][...]
+    assert set(np.unique(pred).tolist()) <= set(range(num_classes))
+    assert entry["all_voxels"]["iou/mean"] > 0.7

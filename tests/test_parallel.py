@@ -236,7 +236,9 @@ def test_densify_predicts_and_writes_on_rank_zero_only(tmp_path, monkeypatch):
     out = tmp_path / "out"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("densify", overrides=["preset=smoke", f"out={out}", f"inputs=[{src}]"])
+        cfg = compose(
+            "densify", overrides=["preset=smoke", "method=unet", f"out={out}", f"inputs=[{src}]"]
+        )
     trained: list = []
     monkeypatch.setattr(dz, "train", lambda cfg, run_dir: trained.append(run_dir) or {})
     monkeypatch.setenv("RANK", "1")  # a second DDP process; no model.pt of its own

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sparse3d.densify")
 
-METHODS = ("unet", "rf")
+METHODS = ("refine", "unet", "rf")
 #: One volume through a method: (source volume, result file, picture) -> the seconds the method
 #: spent on it (prediction; a shared training is added by the caller).
 Segment = Callable[[Path, Path, Path], float]
@@ -305,6 +305,123 @@ def _random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, f
     return segment, 0.0
 
 
+def _forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
+    from sparse3d.rf import RandomForestSegmenter
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(rf_cfg, resolve=True).items()}
+    kwargs.pop("sigmas", None)
+    kwargs.update(override)
+    return RandomForestSegmenter(num_classes, ignore_index, **kwargs)
+
+
+def refine_probabilities(
+    vol: VolumeArrays, rf_cfg: DictConfig, refine_cfg: DictConfig, progress_bar: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``method=refine`` on one volume: cross-fitted, stacked forests, then a small same-padded
+    U-Net on the image and the forests' probabilities (annotation + confident pseudo-labels),
+    averaged with the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary.
+    """
+    import torch
+
+    from sparse3d.data.normalize import normalize_volume
+    from sparse3d.models import UNet
+    from sparse3d.refine import (
+        PlaneTiles,
+        fit_tile,
+        predict_same_padded,
+        pseudo_labels,
+        stacked_probabilities,
+    )
+    from sparse3d.refine_module import RefineModule, fit_refiner
+    from sparse3d.rf import voxel_features
+
+    spec = vol.meta.labels
+    k, ign = spec.num_classes, spec.ignore_index
+    label = np.asarray(vol.label)
+    image = np.asarray(vol.image, dtype=np.float32)
+    facts: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    features = voxel_features(image, vol.meta.voxel_size_zyx_um, tuple(rf_cfg.sigmas))
+    slices = dict(vol.meta.annotated_slices)
+    if not any(slices.values()):  # labels not on planes: hold out nothing
+        slices = {}
+    forest = _forest(k, ign, rf_cfg)
+    fold_forest = _forest(k, ign, rf_cfg, n_trees=int(refine_cfg.fold_trees))
+    full, crossfit = stacked_probabilities(
+        features,
+        label,
+        slices,
+        forest,
+        fold_forest,
+        stages=int(refine_cfg.rf_stages),
+        context_sigmas=tuple(refine_cfg.context_sigmas),
+        n_folds=int(refine_cfg.folds),
+    )
+    del features
+    facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
+    if int(refine_cfg.max_steps) <= 0:
+        return full, facts
+    pseudo = pseudo_labels(full, label, ign, float(refine_cfg.pseudo_threshold))
+    x = np.concatenate([normalize_volume(image), crossfit]).astype(np.float32)
+    torch.manual_seed(int(refine_cfg.seed))
+    net = UNet(
+        x.shape[0],
+        k,
+        base_channels=int(refine_cfg.base_channels),
+        depth=int(refine_cfg.depth),
+        padding="same",
+        norm="batch",
+        bn_eval_stats="running",
+    )
+    multiple = 2 ** (int(refine_cfg.depth) - 1)
+    tile = fit_tile(tuple(refine_cfg.tile_zyx), label.shape, multiple)
+    tiles = PlaneTiles(x, label, pseudo, ign, tile, seed=int(refine_cfg.seed))
+    module = RefineModule(
+        net,
+        k,
+        ign,
+        pseudo_weight=float(refine_cfg.pseudo_weight),
+        lr=float(refine_cfg.lr),
+        max_steps=int(refine_cfg.max_steps),
+        time_budget_s=None if refine_cfg.time_budget_s is None else float(refine_cfg.time_budget_s),
+    )
+    fit = fit_refiner(module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar)
+    facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
+    net.eval()
+    probs = predict_same_padded(
+        net, x, multiple, halo=net.receptive_field, max_voxels=int(refine_cfg.max_voxels_per_pass)
+    )
+    w = float(refine_cfg.forest_weight)
+    return (1.0 - w) * probs + w * full, facts
+
+
+def _refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
+    """The per-volume step of ``method=refine`` (each volume learns from its own planes)."""
+    import sys
+
+    from sparse3d.data.volume import load_volume
+
+    summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
+    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+    summary["steps"] = {}
+
+    def segment(src: Path, seg: Path, png: Path) -> float:
+        from sparse3d.inference.writers import check_output
+
+        check_output(seg, bool(cfg.overwrite))
+        check_output(png, bool(cfg.overwrite))
+        vol = load_volume(src)
+        t0 = time.perf_counter()
+        probs, facts = refine_probabilities(vol, cfg.rf, cfg.refine, sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+        summary["steps"][vol.path.stem] = facts
+        log.info("%s: %s", vol.path.name, facts)
+        _write_result(vol, probs, seg, png, bool(cfg.save_probabilities), {"method": "refine"})
+        return seconds
+
+    return segment, 0.0
+
+
 def _write_result(
     vol: VolumeArrays,
     probs: np.ndarray,
@@ -387,6 +504,8 @@ def densify(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"method": method, "volumes": {}}
     if method == "unet":
         segment, shared_seconds = _train_unet(cfg, out, summary)
+    elif method == "refine":
+        segment, shared_seconds = _refine(cfg, summary)
     else:
         segment, shared_seconds = _random_forest(cfg, summary)
     if segment is None:

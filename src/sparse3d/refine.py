@@ -1,0 +1,264 @@
+"""Shallow first, deep second: the parts of densify's ``refine`` method (layer 1).
+
+A random forest on filter features (:mod:`sparse3d.rf`) turns the user's few annotated planes
+into dense class probabilities in about a minute; a small 3D U-Net then learns from the image
+*and* those probabilities, on the annotated voxels (weight 1) and on the forest's confident
+predictions elsewhere (pseudo-labels, a lower weight), and its softmax is averaged with the
+forest's. The network adds what a voxel-wise forest lacks: spatial coherence and context beyond
+the largest filter; the forest gives the network a dense, cheap training signal that a few
+planes alone cannot.
+
+Two pitfalls this module handles:
+
+* **Stacking leak.** On its own training planes the forest is nearly always right, so a network
+  that sees those probabilities as input learns to copy them. The input channels on the
+  annotated planes therefore come from forests that did not see those planes (cross-fitting:
+  the planes are dealt round-robin into folds, each fold is predicted by a forest fitted on the
+  other folds); everywhere else from the forest fitted on all planes.
+* **Pseudo-labels outweighing the truth.** Pseudo-labels count only where no plane is
+  annotated, only where the forest's top probability reaches a threshold, and with a weight
+  below the annotation's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from sparse3d.data.annotation import AXES, slice_mask
+from sparse3d.rf import RandomForestSegmenter
+
+
+def plane_folds(
+    slices: Mapping[str, Sequence[int]], n_folds: int
+) -> list[dict[str, tuple[int, ...]]]:
+    """Deal the annotated planes round-robin into at most ``n_folds`` non-empty folds.
+
+    Planes are taken axis by axis (z, y, x), so with one plane per axis and 3 folds each fold
+    holds one orientation. E.g. ``{"z": (5,), "y": (9,), "x": (3, 7)}`` with 2 folds gives
+    ``[{"z": (5,), "x": (3,)}, {"y": (9,), "x": (7,)}]`` (axes without planes omitted).
+    """
+    planes = [(ax, int(i)) for ax in AXES for i in sorted(slices.get(ax, ()))]
+    n = max(1, min(int(n_folds), len(planes)))
+    folds: list[dict[str, list[int]]] = [{} for _ in range(n)]
+    for j, (ax, i) in enumerate(planes):
+        folds[j % n].setdefault(ax, []).append(i)
+    return [{ax: tuple(v) for ax, v in f.items()} for f in folds if f]
+
+
+def crossfit_probabilities(
+    features: np.ndarray,
+    label: np.ndarray,
+    slices: Mapping[str, Sequence[int]],
+    forest: RandomForestSegmenter,
+    fold_forest: RandomForestSegmenter,
+    n_folds: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forest probabilities with and without the stacking leak.
+
+    Args:
+        features: ``(F, Z, Y, X)`` voxel features.
+        label: ``(Z, Y, X)`` sparse label (``forest.ignore_index`` where unlabelled).
+        slices: the annotated planes ``{"z": ..., "y": ..., "x": ...}``.
+        forest: fitted on every labelled voxel and predicts the whole volume.
+        fold_forest: refitted once per fold on the other folds' voxels; predicts only the
+            voxels of its fold's planes (so it may be smaller than ``forest``).
+        n_folds: number of plane folds.
+
+    Returns:
+        ``(full, crossfit)``, both ``(K, Z, Y, X)`` float32: ``full`` from ``forest``
+        everywhere; ``crossfit`` equal to ``full`` off the planes and, on each fold's planes,
+        the prediction of the forest that did not see them (a voxel on two folds' planes keeps
+        the later fold's). With a single fold there is nothing to hold out: both are ``full``.
+    """
+    ign = forest.ignore_index
+    forest.fit(features, label)
+    full = forest.predict_proba(features)
+    crossfit = full.copy()
+    folds = plane_folds(slices, n_folds)
+    if len(folds) < 2:
+        return full, crossfit
+    shape = label.shape
+    for fold in folds:
+        held = slice_mask(shape, fold)
+        train = np.where(held, ign, label).astype(label.dtype)
+        if not bool((train != ign).any()):
+            continue
+        fold_forest.fit(features, train)
+        idx = np.flatnonzero(held.ravel())
+        sub = features.reshape(features.shape[0], -1)[:, idx][:, :, None, None]  # (F, N, 1, 1)
+        probs = fold_forest.predict_proba(sub)[:, :, 0, 0]  # (K, N)
+        crossfit.reshape(crossfit.shape[0], -1)[:, idx] = probs
+    return full, crossfit
+
+
+def context_features(probabilities: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+    """Auto-context: ``probabilities (K, Z, Y, X)`` and their Gaussian smoothings at each sigma
+    (voxels) -> ``(K * (1 + len(sigmas)), Z, Y, X)`` float32, what a next stage learns from."""
+    from scipy import ndimage as ndi
+
+    out = [probabilities.astype(np.float32)]
+    for s in sigmas:
+        out.append(np.stack([ndi.gaussian_filter(p, float(s)) for p in probabilities]))
+    return np.concatenate(out).astype(np.float32)
+
+
+def stacked_probabilities(
+    features: np.ndarray,
+    label: np.ndarray,
+    slices: Mapping[str, Sequence[int]],
+    forest: RandomForestSegmenter,
+    fold_forest: RandomForestSegmenter,
+    stages: int = 2,
+    context_sigmas: Sequence[float] = (1.0, 3.0, 6.0),
+    n_folds: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``stages`` cross-fitted forests, each after the first also seeing the smoothed
+    probabilities of the one before (auto-context); returns the last stage's ``(full,
+    crossfit)`` as :func:`crossfit_probabilities` does.
+
+    A stage learns from the previous stage's *cross-fitted* probabilities (honest on the
+    annotated planes), so it learns how far to trust them, not to copy them.
+    """
+    full, crossfit = crossfit_probabilities(features, label, slices, forest, fold_forest, n_folds)
+    for _ in range(1, int(stages)):
+        stage_features = np.concatenate([features, context_features(crossfit, context_sigmas)])
+        full, crossfit = crossfit_probabilities(
+            stage_features, label, slices, forest, fold_forest, n_folds
+        )
+        del stage_features
+    return full, crossfit
+
+
+def pseudo_labels(
+    probabilities: np.ndarray, label: np.ndarray, ignore_index: int, threshold: float
+) -> np.ndarray:
+    """``(Z, Y, X)`` uint8: the arg-max class where ``probabilities (K, Z, Y, X)`` reach
+    ``threshold`` and the voxel is not annotated, ``ignore_index`` elsewhere."""
+    top = probabilities.max(0)
+    out = probabilities.argmax(0).astype(np.uint8)
+    keep = (top >= threshold) & (label == ignore_index)
+    return np.where(keep, out, ignore_index).astype(np.uint8)
+
+
+def fit_tile(tile_zyx: Sequence[int], shape_zyx: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """The largest tile no bigger than ``tile_zyx`` or the volume, each side a multiple of
+    ``multiple`` (the network's pooling factor); at least ``multiple``."""
+    return tuple(
+        max(multiple, (min(int(t), int(s)) // multiple) * multiple)
+        for t, s in zip(tile_zyx, shape_zyx, strict=True)
+    )
+
+
+class PlaneTiles(IterableDataset):
+    """Endless random training tiles for the refining network.
+
+    Each tile is centred (with jitter of a quarter tile) on a voxel drawn at random from the
+    annotated ones with probability ``1 - pseudo_fraction``, else from the pseudo-labelled
+    ones, so the sparse truth is always in view while the network also sees the rest of the
+    volume. Tiles are flipped at random along each axis (flips keep class identity; set
+    ``flips=False`` for data where left and right differ in meaning). Volumes thinner than the
+    tile are padded by reflection, the label with ``ignore_index``.
+
+    Yields dicts with ``image (C, *tile)`` float32, ``label (*tile)`` and ``pseudo (*tile)``
+    int64.
+    """
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        pseudo: np.ndarray,
+        ignore_index: int,
+        tile_zyx: Sequence[int],
+        seed: int = 0,
+        pseudo_fraction: float = 0.5,
+        flips: bool = True,
+    ) -> None:
+        super().__init__()
+        need = [max(0, int(t) - int(s)) for t, s in zip(tile_zyx, label.shape, strict=True)]
+        pads = [(n // 2, n - n // 2) for n in need]
+        self.image = torch.from_numpy(
+            np.pad(image, [(0, 0), *pads], mode="reflect") if any(need) else image
+        )
+        self.label = torch.from_numpy(
+            np.pad(label, pads, constant_values=ignore_index).astype(np.int64)
+        )
+        self.pseudo = torch.from_numpy(
+            np.pad(pseudo, pads, constant_values=ignore_index).astype(np.int64)
+        )
+        self.tile = tuple(int(t) for t in tile_zyx)
+        self.seed = int(seed)
+        self.pseudo_fraction = float(pseudo_fraction)
+        self.flips = bool(flips)
+        self.centres = np.argwhere(self.label.numpy() != ignore_index)
+        self.pseudo_centres = np.argwhere(self.pseudo.numpy() != ignore_index)
+        if len(self.centres) == 0:
+            raise ValueError("no annotated voxel to train on")
+
+    def _tile(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        use_pseudo = len(self.pseudo_centres) > 0 and rng.random() < self.pseudo_fraction
+        pool = self.pseudo_centres if use_pseudo else self.centres
+        centre = pool[rng.integers(len(pool))]
+        shape = self.label.shape
+        start = []
+        for c, t, n in zip(centre, self.tile, shape, strict=True):
+            jitter = int(rng.integers(-(t // 4), t // 4 + 1))
+            start.append(int(np.clip(c - t // 2 + jitter, 0, n - t)))
+        box = tuple(slice(s, s + t) for s, t in zip(start, self.tile, strict=True))
+        image, label, pseudo = self.image[(slice(None), *box)], self.label[box], self.pseudo[box]
+        if self.flips:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
+        return {"image": image.contiguous(), "label": label.contiguous(), "pseudo": pseudo}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id])
+        while True:
+            yield self._tile(rng)
+
+
+@torch.no_grad()
+def predict_same_padded(
+    net: torch.nn.Module, image: np.ndarray, multiple: int, halo: int, max_voxels: int
+) -> np.ndarray:
+    """Softmax ``(K, Z, Y, X)`` float32 of a same-padded network over ``image (C, Z, Y, X)``.
+
+    The volume is reflected up to a multiple of the pooling factor and predicted in one pass,
+    or, when that exceeds ``max_voxels``, in z slabs that overlap by ``halo`` voxels (rounded up
+    to the pooling factor) on each side; only each slab's centre is kept, which equals the
+    one-pass result when ``halo`` covers the network's receptive field.
+    """
+    dev = next(net.parameters()).device
+    c, z, y, x = image.shape
+
+    def run(block: np.ndarray) -> np.ndarray:
+        pads = [(0, (-n) % multiple) for n in block.shape[1:]]
+        padded = (
+            np.pad(block, [(0, 0), *pads], mode="reflect") if any(p[1] for p in pads) else block
+        )
+        t = torch.from_numpy(np.ascontiguousarray(padded))[None].to(dev)
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+        prob = torch.softmax(net(t)[0].float(), 0).cpu().numpy()
+        return prob[:, : block.shape[1], : block.shape[2], : block.shape[3]]
+
+    if z * y * x <= max_voxels:
+        return run(image)
+    # slab starts and halos on the pooling grid, so every slab pools like the whole volume
+    halo = -(-int(halo) // multiple) * multiple
+    slab = max(multiple, ((max_voxels // (y * x)) - 2 * halo) // multiple * multiple)
+    out = None
+    for z0 in range(0, z, slab):
+        z1 = min(z, z0 + slab)
+        a, b = max(0, z0 - halo), min(z, z1 + halo)
+        prob = run(image[:, a:b])
+        if out is None:
+            out = np.empty((prob.shape[0], z, y, x), np.float32)
+        out[:, z0:z1] = prob[:, z0 - a : z0 - a + (z1 - z0)]
+    assert out is not None
+    return out

@@ -1,0 +1,141 @@
+"""densify's refine method: held-out forest probabilities, pseudo-labels, tiles, slab prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparse3d.data.annotation import slice_mask
+from sparse3d.models import UNet
+from sparse3d.refine import (
+    PlaneTiles,
+    context_features,
+    crossfit_probabilities,
+    fit_tile,
+    plane_folds,
+    predict_same_padded,
+    pseudo_labels,
+    stacked_probabilities,
+)
+from sparse3d.rf import RandomForestSegmenter
+
+
+class RecordingForest:
+    """A stand-in forest: remembers the labels it was fitted on, predicts a one-hot of the
+    number of its fit (so each voxel shows which fit predicted it)."""
+
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.fits: list[np.ndarray] = []
+
+    def fit(self, features, label):
+        self.fits.append(label.copy())
+        return self
+
+    def predict_proba(self, features):
+        out = np.zeros((self.num_classes, *features.shape[1:]), np.float32)
+        out[len(self.fits) % self.num_classes] = 1.0
+        return out
+
+
+def test_plane_folds_deal_planes_round_robin():
+    folds = plane_folds({"z": (5,), "y": (9,), "x": (7, 3)}, 2)
+    assert folds == [{"z": (5,), "x": (3,)}, {"y": (9,), "x": (7,)}]
+    assert plane_folds({"z": (1,)}, 3) == [{"z": (1,)}]
+    assert plane_folds({}, 3) == []
+
+
+def test_crossfit_never_predicts_planes_with_a_forest_that_saw_them():
+    shape, k, ign = (12, 14, 16), 5, 5
+    slices = {"z": (3, 8), "y": (7,), "x": (4, 11)}
+    truth = np.random.default_rng(0).integers(0, 2, shape).astype(np.uint8)
+    label = np.where(slice_mask(shape, slices), truth, ign).astype(np.uint8)
+    feats = np.zeros((2, *shape), np.float32)
+    forest, fold_forest = RecordingForest(k, ign), RecordingForest(k, ign)
+    full, cross = crossfit_probabilities(feats, label, slices, forest, fold_forest, n_folds=3)
+    assert len(forest.fits) == 1 and np.array_equal(forest.fits[0], label)
+    assert len(fold_forest.fits) == 3
+    folds = plane_folds(slices, 3)
+    covered = np.zeros(shape, bool)
+    for i, (fold, seen) in enumerate(zip(folds, fold_forest.fits, strict=True)):
+        held = slice_mask(shape, fold)
+        assert not (seen[held] != ign).any(), "a fold forest saw its own planes"
+        # every other labelled voxel off the held-out planes was used
+        assert np.array_equal(seen != ign, (label != ign) & ~held)
+        # voxels of this fold's planes not on a later fold's planes carry this fit's one-hot
+        later = np.zeros(shape, bool)
+        for other in folds[i + 1 :]:
+            later |= slice_mask(shape, other)
+        only = held & ~later
+        assert (cross.argmax(0)[only] == (i + 1) % k).all()
+        covered |= held
+    # off the planes the held-out map is the full forest's
+    assert np.array_equal(cross[:, ~covered], full[:, ~covered])
+    assert (full.argmax(0) == 1).all()
+
+
+def test_stacked_forests_learn_spheres_and_context_adds_channels():
+    rng = np.random.default_rng(1)
+    shape = (20, 24, 24)
+    zz, yy, xx = np.indices(shape)
+    truth = (((zz - 10) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2) < 49).astype(np.uint8)
+    image = (truth + 0.4 * rng.standard_normal(shape)).astype(np.float32)[None]
+    slices = {"z": (10,), "y": (12,), "x": (12,)}
+    label = np.where(slice_mask(shape, slices), truth, 2).astype(np.uint8)
+    from sparse3d.rf import voxel_features
+
+    feats = voxel_features(image, sigmas=(1.0, 2.0))
+    forest = RandomForestSegmenter(2, 2, n_trees=10, n_jobs=1)
+    fold = RandomForestSegmenter(2, 2, n_trees=5, n_jobs=1)
+    full, cross = stacked_probabilities(feats, label, slices, forest, fold, stages=2)
+    assert full.shape == cross.shape == (2, *shape)
+    np.testing.assert_allclose(full.sum(0), 1.0, atol=1e-5)
+    unannotated = label == 2
+    pred = full.argmax(0)
+    inter = ((pred == 1) & (truth == 1) & unannotated).sum()
+    union = (((pred == 1) | (truth == 1)) & unannotated).sum()
+    assert inter / union > 0.8
+    assert context_features(full, (1.0, 3.0)).shape == (6, *shape)
+
+
+def test_pseudo_labels_only_confident_and_never_on_the_annotation():
+    probs = np.array([[[[0.9, 0.6, 0.2]]], [[[0.1, 0.4, 0.8]]]], np.float32)  # (2, 1, 1, 3)
+    label = np.array([[[2, 2, 0]]], np.uint8)
+    out = pseudo_labels(probs, label, ignore_index=2, threshold=0.8)
+    assert out.tolist() == [[[0, 2, 2]]]
+
+
+def test_fit_tile_keeps_the_pooling_multiple():
+    assert fit_tile((32, 64, 64), (31, 61, 57), 4) == (28, 60, 56)
+    assert fit_tile((32, 64, 64), (2, 100, 100), 4) == (4, 64, 64)
+
+
+def test_plane_tiles_pad_thin_volumes_with_ignore_and_show_annotation():
+    shape, ign = (3, 20, 20), 3
+    image = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    label = np.full(shape, ign, np.uint8)
+    label[1, 5:15, 5:15] = 1
+    pseudo = np.full(shape, ign, np.uint8)
+    tiles = PlaneTiles(image, label, pseudo, ign, (8, 16, 16), seed=0, pseudo_fraction=0.0)
+    it = iter(tiles)
+    for _ in range(5):
+        t = next(it)
+        assert t["image"].shape == (2, 8, 16, 16) and t["label"].shape == (8, 16, 16)
+        assert (t["label"] == 1).any(), "an annotated voxel is always in view"
+        assert set(torch.unique(t["label"]).tolist()) <= {1, ign}
+    with pytest.raises(ValueError, match="no annotated voxel"):
+        PlaneTiles(image, np.full(shape, ign, np.uint8), pseudo, ign, (8, 16, 16))
+
+
+def test_slab_prediction_equals_one_pass():
+    torch.manual_seed(0)
+    net = UNet(2, 3, base_channels=2, depth=2, padding="same", norm="none").eval()
+    image = np.random.default_rng(0).random((2, 37, 12, 10), dtype=np.float32)
+    one = predict_same_padded(net, image, multiple=2, halo=net.receptive_field, max_voxels=10**9)
+    slabs = predict_same_padded(
+        net, image, multiple=2, halo=net.receptive_field, max_voxels=12 * 10 * 30
+    )
+    assert one.shape == (3, 37, 12, 10)
+    np.testing.assert_allclose(one.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(slabs, one, atol=1e-5)
