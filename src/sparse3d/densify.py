@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sparse3d.cli import H5_SUFFIXES, UserError, run_hydra
+from sparse3d.cli import H5_SUFFIXES, UserError, quiet_lightning, run_hydra
 from sparse3d.distributed import is_global_zero
 from sparse3d.runfolder import write_json_atomic
 from sparse3d.train import resolve_volumes, train
@@ -385,7 +385,12 @@ def refine_probabilities(
         max_steps=int(refine_cfg.max_steps),
         time_budget_s=None if refine_cfg.time_budget_s is None else float(refine_cfg.time_budget_s),
     )
-    fit = fit_refiner(module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar)
+    from sparse3d.callbacks import ProgressLog
+
+    callbacks = [] if progress_bar else [ProgressLog()]  # log lines when piped
+    fit = fit_refiner(
+        module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar, callbacks=callbacks
+    )
     facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
     net.eval()
     probs = predict_same_padded(
@@ -401,6 +406,7 @@ def _refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
 
     from sparse3d.data.volume import load_volume
 
+    quiet_lightning()
     summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
     summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
     summary["steps"] = {}
