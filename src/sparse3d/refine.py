@@ -251,7 +251,8 @@ def predict_same_padded(
         return run(image)
     # slab starts and halos on the pooling grid, so every slab pools like the whole volume
     halo = -(-int(halo) // multiple) * multiple
-    slab = max(multiple, ((max_voxels // (y * x)) - 2 * halo) // multiple * multiple)
+    # at least as thick as both halos together, so no more than half of each pass is context
+    slab = max(2 * halo, ((max_voxels // (y * x)) - 2 * halo) // multiple * multiple)
     out = None
     for z0 in range(0, z, slab):
         z1 = min(z, z0 + slab)
