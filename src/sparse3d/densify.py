@@ -280,29 +280,39 @@ def _rf_probabilities(
     )
 
 
-def _random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
-    """The per-volume step of ``method=rf`` (nothing is shared between volumes)."""
+def _per_volume(
+    cfg: DictConfig, probabilities: Callable[[VolumeArrays], np.ndarray], attrs: dict[str, Any]
+) -> Segment:
+    """The per-volume step of a method that learns from each volume alone: refuse existing
+    outputs, ``probabilities(volume) -> (K, Z, Y, X)``, write result and picture; returns the
+    seconds ``probabilities`` took."""
     from sparse3d.data.volume import load_volume
-
-    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+    from sparse3d.inference.writers import check_output
 
     def segment(src: Path, seg: Path, png: Path) -> float:
-        from sparse3d.inference.writers import check_output
-
         check_output(seg, bool(cfg.overwrite))
         check_output(png, bool(cfg.overwrite))
         vol = load_volume(src)
         t0 = time.perf_counter()
-        probs = _rf_probabilities(
-            vol.image, vol.label, vol.meta.labels, vol.meta.voxel_size_zyx_um, cfg.rf
-        )
+        probs = probabilities(vol)
         seconds = time.perf_counter() - t0
-        attrs = {"method": "rf", "rf_n_trees": int(cfg.rf.n_trees)}
-        attrs["rf_sigmas"] = [float(s) for s in cfg.rf.sigmas]
         _write_result(vol, probs, seg, png, bool(cfg.save_probabilities), attrs)
         return seconds
 
-    return segment, 0.0
+    return segment
+
+
+def _random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
+    """The per-volume step of ``method=rf`` (nothing is shared between volumes)."""
+    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+    attrs = {"method": "rf", "rf_n_trees": int(cfg.rf.n_trees)}
+    attrs["rf_sigmas"] = [float(s) for s in cfg.rf.sigmas]
+
+    def probabilities(vol: VolumeArrays) -> np.ndarray:
+        spec, voxel = vol.meta.labels, vol.meta.voxel_size_zyx_um
+        return _rf_probabilities(vol.image, vol.label, spec, voxel, cfg.rf)
+
+    return _per_volume(cfg, probabilities, attrs), 0.0
 
 
 def _forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
@@ -404,28 +414,18 @@ def _refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
     """The per-volume step of ``method=refine`` (each volume learns from its own planes)."""
     import sys
 
-    from sparse3d.data.volume import load_volume
-
     quiet_lightning()
     summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
     summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
     summary["steps"] = {}
 
-    def segment(src: Path, seg: Path, png: Path) -> float:
-        from sparse3d.inference.writers import check_output
-
-        check_output(seg, bool(cfg.overwrite))
-        check_output(png, bool(cfg.overwrite))
-        vol = load_volume(src)
-        t0 = time.perf_counter()
+    def probabilities(vol: VolumeArrays) -> np.ndarray:
         probs, facts = refine_probabilities(vol, cfg.rf, cfg.refine, sys.stderr.isatty())
-        seconds = time.perf_counter() - t0
         summary["steps"][vol.path.stem] = facts
         log.info("%s: %s", vol.path.name, facts)
-        _write_result(vol, probs, seg, png, bool(cfg.save_probabilities), {"method": "refine"})
-        return seconds
+        return probs
 
-    return segment, 0.0
+    return _per_volume(cfg, probabilities, {"method": "refine"}), 0.0
 
 
 def _write_result(
