@@ -29,9 +29,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sparse3d.checkpoint import load_model
+from sparse3d.data.sources import benchmark_folder
 from sparse3d.data.volume import load_volume
 from sparse3d.inference.compare import bn_mode_iou
-from sparse3d.train import synth_dir
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bn_modes.md"
 MODES = ("batch-tile", "recalibrate", "running")
@@ -50,7 +50,7 @@ def score_run(run: Path, data_root: Path | None) -> list[dict]:
     cfg = OmegaConf.load(run / "config.yaml")
     tile = tuple(int(n) for n in cfg["data"]["input_tile"])
     root = data_root if data_root is not None else Path(cfg["data"]["root"])
-    folder = synth_dir(root, float(cfg["data"]["scale"]))
+    folder = benchmark_folder(root, float(cfg["data"]["scale"]))
     split = json.loads((run / "split.json").read_text())
     rows = []
     for name in split["test"]:
@@ -68,9 +68,9 @@ def score_run(run: Path, data_root: Path | None) -> list[dict]:
                 "volume": name,
                 "tile": "x".join(map(str, tile)),
                 "tiles": per_tile["batch"]["tiles"],
-                "batch-tile": per_tile["batch"]["iou/mean"],
-                "recalibrate": seamless["recalibrate"]["iou/mean"],
-                "running": seamless["running"]["iou/mean"],
+                "batch-tile": per_tile["batch"]["mean"],
+                "recalibrate": seamless["recalibrate"]["mean"],
+                "running": seamless["running"]["mean"],
             }
         )
     return rows

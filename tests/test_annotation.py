@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparse3d.data import annotation
+from sparse3d import axes
+from sparse3d.data import annotation, dataset, protocols, volume
 from sparse3d.data.annotation import (
     count_slices,
     normalize_slices,
@@ -13,12 +14,15 @@ from sparse3d.data.annotation import (
     sparse_label,
     uniform_positions,
 )
-from sparse3d.data.volume import AXES
 from sparse3d.labels import XENOPUS
 
 
-def test_axes_match_volume_format() -> None:
-    assert annotation.AXES == AXES
+def test_one_axis_vocabulary() -> None:
+    """AXES and SliceSet are defined once (sparse3d.axes) and imported everywhere."""
+    assert axes.AXES == ("z", "y", "x")
+    for module in (annotation, dataset, protocols, volume):
+        assert module.AXES is axes.AXES, module.__name__
+    assert protocols.SliceSet is axes.SliceSet
 
 
 @pytest.mark.parametrize(
@@ -95,6 +99,14 @@ def test_sparse_label_errors() -> None:
         sparse_label(dense, {}, 300)
     with pytest.raises(ValueError, match="integer"):
         sparse_label(dense.astype(np.float32), {}, 3)
+
+
+def test_sparse_label_without_slices_is_all_unlabelled() -> None:
+    """A volume a split gives no slices (e.g. no test slices) keeps no label at all."""
+    dense = np.arange(60, dtype=np.uint16).reshape(3, 4, 5) % 3
+    out = sparse_label(dense, {}, 7)
+    assert out.dtype == np.uint16 and out.shape == dense.shape and np.all(out == 7)
+    assert out is not dense
 
 
 def test_normalize_slices_sorts_dedups_and_fills_axes() -> None:

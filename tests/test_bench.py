@@ -127,9 +127,9 @@ def test_score_run_counts_iou_itself_where_densify_json_lacks_it(tmp_path):
     )
     s = bench.score_run(run, h5)
     assert s["unannotated_source"] == "densify.json" and s["all_voxels_source"] == "bench"
-    assert s["unannotated"]["iou/mean"] == pytest.approx(expected_un["iou/mean"])
-    assert s["all_voxels"]["iou/mean"] == pytest.approx(expected_all["iou/mean"])
-    assert s["all_voxels"]["iou/mean"] < 1.0
+    assert s["unannotated"]["mean"] == pytest.approx(expected_un["mean"])
+    assert s["all_voxels"]["mean"] == pytest.approx(expected_all["mean"])
+    assert s["all_voxels"]["mean"] < 1.0
     assert s["crosscheck_max_abs_diff"] == pytest.approx(0.0)
     assert s["class_names"] == ["outside", "ball"]
     assert s["annotated_fraction"] == pytest.approx(1 - off.mean())
@@ -212,7 +212,7 @@ def test_bench_end_to_end_on_a_tiny_case(tiny_case, tmp_path, capsys):
     records = bench.read_results(out)
     assert [(r["label"], r["status"]) for r in records] == [("cheap", "ok"), ("bad", "failed")]
     ok, bad = records
-    assert ok["unannotated"]["iou/mean"] > 0.5 and ok["all_voxels"]["iou/mean"] > 0.5
+    assert ok["unannotated"]["mean"] > 0.5 and ok["all_voxels"]["mean"] > 0.5
     assert ok["crosscheck_max_abs_diff"] == pytest.approx(0.0, abs=1e-6)
     assert ok["wall_s"] > 0 and 0.05 < ok["peak_rss_gib"] < 8
     assert (out / "runs" / "tiny" / "k1" / "cheap" / "tiny_k1_seg.h5").is_file()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse3d.checkpoint import CheckpointError, ModelMeta, load_model, save_model, unet_kwargs
+from sparse3d.checkpoint import CheckpointError, ModelMeta, load_model, save_model
 from sparse3d.models import UNet
 from sparse3d.models.blocks import PaperBatchNorm
 
@@ -18,9 +18,21 @@ class _Payload:
         return (UNPICKLED.append, ("code ran",))
 
 
+def _kw(base: int = 2) -> dict:
+    """UNet arguments of the test network, as ``ModelMeta.net`` holds them."""
+    return {
+        "in_channels": 3,
+        "num_classes": 3,
+        "base_channels": base,
+        "depth": 3,
+        "norm": "batch",
+        "bn_eval_stats": "running",
+    }
+
+
 def _net(base: int = 2) -> UNet:
     torch.manual_seed(0)
-    net = UNet(3, 3, base_channels=base, depth=3, norm="batch", bn_eval_stats="running")
+    net = UNet(**_kw(base))
     for m in net.modules():
         if isinstance(m, PaperBatchNorm):
             m.running_mean.normal_()
@@ -28,9 +40,9 @@ def _net(base: int = 2) -> UNet:
     return net.eval()
 
 
-def _meta(net: UNet) -> ModelMeta:
+def _meta(base: int = 2) -> ModelMeta:
     return ModelMeta(
-        net=unet_kwargs(net),
+        net=_kw(base),
         class_names=("inside_tubule", "tubule", "background"),
         ignore_index=3,
         channel_names=("lectin", "dapi", "catenin"),
@@ -45,7 +57,7 @@ def _x(net: UNet) -> torch.Tensor:
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     net = _net()
-    meta = _meta(net)
+    meta = _meta()
     path = save_model(tmp_path / "model.pt", net, meta)
     loaded, meta2 = load_model(path)
     assert meta2 == meta
@@ -61,7 +73,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_meta_dict_round_trip_is_plain():
-    meta = _meta(_net())
+    meta = _meta()
     d = meta.to_dict()
     assert isinstance(d["class_names"], list) and isinstance(d["voxel_size_zyx_um"], list)
     assert ModelMeta.from_dict(d) == meta
@@ -71,7 +83,7 @@ def test_meta_dict_round_trip_is_plain():
 
 def test_lightning_checkpoint_is_accepted(tmp_path):
     net = _net()
-    meta = _meta(net)
+    meta = _meta()
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     state["loss.class_weights"] = torch.ones(3)  # other members of the training module
     ckpt = {
@@ -113,7 +125,7 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path):
     payload = {
         "format": "sparse3d-model",
         "version": 1,
-        "meta": _meta(net).to_dict(),
+        "meta": _meta().to_dict(),
         "state_dict": net.state_dict(),
         "extra": _Payload(),
     }
@@ -129,15 +141,15 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path):
 
 
 def test_weights_that_do_not_fit_the_architecture(tmp_path):
-    small, big = _net(base=2), _net(base=4)
+    small = _net(base=2)
     with pytest.raises(ValueError, match="does not describe"):
-        save_model(tmp_path / "m.pt", small, _meta(big))
+        save_model(tmp_path / "m.pt", small, _meta(base=4))
     path = tmp_path / "m.pt"
     torch.save(
         {
             "format": "sparse3d-model",
             "version": 1,
-            "meta": _meta(big).to_dict(),
+            "meta": _meta(base=4).to_dict(),
             "state_dict": small.state_dict(),
         },
         path,
@@ -170,20 +182,14 @@ def test_missing_and_foreign_files(tmp_path):
 
 def test_meta_checks_channels_and_classes():
     net = _net()
-    kw = unet_kwargs(net)
+    kw = _kw()
     with pytest.raises(ValueError, match="channel_names"):
         ModelMeta(kw, ("a", "b", "c"), 3, ("lectin",))
     with pytest.raises(ValueError, match="class_names"):
         ModelMeta(kw, ("a", "b"), 3, ("x", "y", "z"))
     with pytest.raises(ValueError, match="normalization"):
         ModelMeta(kw, ("a", "b", "c"), 3, ("x", "y", "z"), normalization={"kind": "zscore"})
-    assert unet_kwargs(net) == {
-        "in_channels": 3,
-        "num_classes": 3,
-        "base_channels": 2,
-        "depth": 3,
-        "dim": 3,
-        "padding": "valid",
-        "norm": "batch",
-        "bn_eval_stats": "running",
+    rebuilt = ModelMeta(kw, ("a", "b", "c"), 3, ("x", "y", "z")).build_net().state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {
+        k: v.shape for k, v in net.state_dict().items()
     }

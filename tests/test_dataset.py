@@ -135,3 +135,38 @@ def test_slice_dataset_plane_content():
     # the label tile is a window of the annotated xz plane
     windows = np.lib.stride_tricks.sliding_window_view(plane, (6, 6))
     assert (windows == item["label"].numpy()).all(axis=(-1, -2)).any()
+
+
+def test_output_tile_must_be_a_centred_crop_of_the_input_tile():
+    """Valid convolutions shrink each axis by an even count; an odd difference has no centred
+    output tile and is refused up front instead of rounded."""
+    vols = [make_volume(seed=0)]
+    with pytest.raises(ValueError, match="centred crop"):
+        TileDataset(vols, (20, 36, 32), (8, 11, 12), 2, ignore_index=IGNORE)
+    with pytest.raises(ValueError, match="centred crop"):
+        TileDataset(vols, (8, 12, 12), (20, 36, 32), 2, ignore_index=IGNORE)
+    with pytest.raises(ValueError, match="centred crop"):
+        SliceDataset(vols, [SLICES], (24, 27), (12, 16), 2, ignore_index=IGNORE)
+
+
+def test_generic_transform_result_is_cropped_exactly_around_the_tile():
+    """A generic transform sees the tile plus ``margin_zyx`` per side; cropping its result back
+    gives exactly the plain tile (image and label), for odd margins too."""
+    vols = [make_volume(seed=2)]
+    plain = TileDataset(vols, INPUT, OUTPUT, 4, ignore_index=IGNORE, seed=5)
+    framed = TileDataset(
+        vols, INPUT, OUTPUT, 4, ignore_index=IGNORE, seed=5,
+        transform=Compose([lambda d: d]), margin_zyx=(3, 5, 1),
+    )  # fmt: skip
+    for i in range(4):
+        assert_same(plain[i], framed[i])
+
+    def shave(d):  # one voxel off one side: no centred crop exists
+        return {"image": d["image"][..., 1:], "label": d["label"][..., 1:]}
+
+    odd = TileDataset(
+        vols, INPUT, OUTPUT, 2, ignore_index=IGNORE, seed=5,
+        transform=Compose([shave]), margin_zyx=(2, 2, 2),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="centre-crop"):
+        odd[0]

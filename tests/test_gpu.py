@@ -34,12 +34,18 @@ def test_predictor_on_cuda_matches_the_cpu():
 
     net = _bn_net()
     image = np.random.default_rng(0).normal(size=(2, 20, 44, 40)).astype(np.float32)
-    kw = {"precision": "fp32", "bn_mode": "running", "progress": False, "tile_zyx": (52, 60, 52)}
-    cpu = Predictor(net, None, device="cpu", **kw).predict_logits(image)
+    kw = {
+        "precision": "fp32",
+        "bn_mode": "running",
+        "progress": False,
+        "tile_zyx": (52, 60, 52),
+        "probabilities_dtype": "float32",
+    }
+    _, cpu = Predictor(net, None, device="cpu", **kw).predict_array(image, probabilities=True)
     gpu = Predictor(net, None, device="cuda", **kw)
-    logits = gpu.predict_logits(image)
+    _, probs = gpu.predict_array(image, probabilities=True)
     assert gpu.last_report.device.startswith("cuda") and gpu.last_report.num_tiles > 1
-    np.testing.assert_allclose(logits, cpu, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(probs, cpu, atol=1e-4, rtol=1e-4)
     bf16 = Predictor(net, None, device="cuda", precision="bf16", bn_mode="running", progress=False)
     labels, _ = bf16.predict_array(image)
     assert (labels == cpu.argmax(0)).mean() > 0.95  # an untrained net: small margins
@@ -77,46 +83,26 @@ def test_sync_batchnorm_on_cuda_keeps_the_paper_behaviour():
     assert any(type(m) is PaperBatchNorm for m in back.modules())
 
 
-def test_evaluation_after_fit_runs_on_the_gpu():
-    from sparse3d.evaluation import predict_volume_3d_single_pass
-    from sparse3d.losses import MaskedCrossEntropy
-    from sparse3d.module import SegmentationModule
-    from sparse3d.train import _evaluate_after_fit
+def test_evaluation_predicts_on_the_gpu():
+    """The one predictor runs where the network is, and scores the held-out voxels."""
+    import numpy as np
 
-    seen = []
+    from sparse3d.evaluation import evaluate_volumes
 
-    def predict(net, image):
-        seen.append(next(net.parameters()).device.type)
-        return predict_volume_3d_single_pass(net, image)
-
-    module = SegmentationModule(
-        net=UNet(1, 2, base_channels=2, depth=2, norm="batch"),
-        loss=MaskedCrossEntropy(2, 2),
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        scheduler=None,
-        class_names=("a", "b"),
-        ignore_index=2,
-        predict_volume=predict,
-        model_meta={},
-    )
     shape = (12, 16, 16)
-    batch = {
-        "name": ["v"],
-        "image": torch.rand(1, 1, *shape),
-        "eval_label": torch.randint(0, 3, (1, *shape)),
-        "eval_label_all": torch.randint(0, 3, (1, *shape)),
-        "dense_label": torch.zeros(1, 1, dtype=torch.long),
-        "has_dense": torch.tensor([False]),
-    }
-    trainer = types.SimpleNamespace(
-        strategy=types.SimpleNamespace(root_device=torch.device("cuda", 0)),
-        loggers=[],
-        global_step=0,
+    rng = np.random.default_rng(0)
+    vol = types.SimpleNamespace(
+        name="v",
+        image=rng.random((1, *shape), dtype=np.float32),
+        eval_label=rng.integers(0, 3, shape),
+        eval_label_all=None,
+        dense_label=None,
     )
-    dm = types.SimpleNamespace(evaluation_dataloader=lambda: [batch])
-    conf = _evaluate_after_fit(trainer, module, dm)
-    assert seen == ["cuda"] and conf["heldout"].sum() > 0
-    assert next(module.net.parameters()).device.type == "cpu"
+    net = UNet(1, 2, base_channels=2, depth=2, norm="batch").cuda()
+    scores, preds = evaluate_volumes(net, [vol], ("a", "b"), 2)
+    assert scores["heldout"]["labelled_voxels"] == int((vol.eval_label != 2).sum())
+    assert scores["all_voxels"] is None and preds["v"].shape == shape
+    assert next(net.parameters()).device.type == "cuda"
 
 
 @pytest.mark.slow

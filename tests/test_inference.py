@@ -3,6 +3,8 @@ streaming and outputs (sparse3d.inference)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import h5py
 import numpy as np
 import pytest
@@ -10,18 +12,16 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from sparse3d.checkpoint import ModelMeta, unet_kwargs
+from sparse3d.checkpoint import ModelMeta
 from sparse3d.crop import center_crop
 from sparse3d.data.volume import VolumeMeta, write_volume
-from sparse3d.inference import Predictor, bn_mode_iou, fuse_batchnorm, lean_forward
+from sparse3d.inference import Predictor, bn_mode_iou, fuse_batchnorm
 from sparse3d.inference.bn import BatchStatsNorm, prepare_for_inference, recalibrate_bn
-from sparse3d.inference.forward import SkipShapes
 from sparse3d.inference.memory import SAFETY, NetProfile, choose_plan
 from sparse3d.inference.precision import cpu_has_native_bf16, resolve_precision
 from sparse3d.inference.tiling import (
     TilePlan,
     read_mirrored,
-    reflect_indices,
     same_axis_plan,
     valid_axis_plan,
 )
@@ -50,21 +50,23 @@ def _randomise_bn(net: torch.nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
-def _meta(net: UNet, normalization: str = "none") -> ModelMeta:
-    k, c = net.num_classes, net.in_channels
+def _net_and_meta(normalization: str = "none", **net: Any) -> tuple[UNet, ModelMeta]:
+    """``UNet(**net)`` and the model meta describing it (``net`` names every argument)."""
+    k, c = net["num_classes"], net["in_channels"]
     norm = (
         {"kind": "none"}
         if normalization == "none"
         else {"kind": "percentile", "low": 1.0, "high": 99.5}
     )
-    return ModelMeta(
-        net=unet_kwargs(net),
+    meta = ModelMeta(
+        net=net,
         class_names=tuple(f"c{i}" for i in range(k)),
         ignore_index=k,
         channel_names=tuple(f"ch{i}" for i in range(c)),
         voxel_size_zyx_um=(2.0, 1.0, 1.0),
         normalization=norm,
     )
+    return UNet(**net), meta
 
 
 def _image(shape_zyx, channels=2, seed=0) -> np.ndarray:
@@ -73,18 +75,6 @@ def _image(shape_zyx, channels=2, seed=0) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------
 # mirror padding and layouts
-
-
-def test_reflect_indices_match_numpy_reflect_padding():
-    a = np.arange(7)
-    for before, after in [(3, 2), (6, 6), (0, 4)]:
-        want = np.pad(a, (before, after), mode="reflect")
-        got = a[reflect_indices(-before, len(a) + before + after, len(a))]
-        np.testing.assert_array_equal(got, want)
-    # beyond one reflection: periodic mirror, always inside the volume
-    idx = reflect_indices(-20, 50, 7)
-    assert idx.min() >= 0 and idx.max() <= 6
-    assert reflect_indices(-3, 5, 1).tolist() == [0] * 5
 
 
 def test_read_mirrored_reads_only_the_needed_box():
@@ -149,11 +139,33 @@ def test_same_layout_covers_with_positive_weights():
 # forward passes
 
 
+def _probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
+    """Softmax ``(K, Z, Y, X)`` float32 of ``predictor`` on ``image``."""
+    predictor.probabilities_dtype = "float32"
+    return predictor.predict_array(image, probabilities=True)[1]
+
+
+def _reference_forward(net: UNet, x: torch.Tensor) -> torch.Tensor:
+    """The textbook U-Net pass: whole skips kept, cropped where they are used (paper Fig. 2)."""
+    from sparse3d.crop import center_crop
+
+    skips = []
+    for i, block in enumerate(net.down):
+        x = block(x)
+        if i < len(net.down) - 1:
+            skips.append(x)
+            x = net.pool(x)
+    for block, skip in zip(net.up, reversed(skips), strict=True):
+        h = block.up(x)
+        x = block.conv(torch.cat([center_crop(skip, h.shape[2:]), h], dim=1))
+    return net.head(x)
+
+
 @pytest.mark.parametrize(
     "depth,padding,norm",
     [(2, "valid", "none"), (3, "valid", "batch"), (4, "valid", "none"), (3, "same", "batch")],
 )
-def test_lean_forward_equals_unet_forward(depth, padding, norm):
+def test_memory_lean_unet_forward_equals_the_textbook_pass(depth, padding, norm):
     torch.manual_seed(0)
     net = UNet(
         2, 3, base_channels=2, depth=depth, padding=padding, norm=norm, bn_eval_stats="running"
@@ -162,18 +174,34 @@ def test_lean_forward_equals_unet_forward(depth, padding, norm):
     net.eval()
     spatial = net.input_shape_for_output((4, 8, 6)) if padding == "valid" else (8, 16, 24)
     x = torch.randn(2, 2, *spatial)
-    skips = SkipShapes(net)
     with torch.no_grad():
-        want = net(x)
-        got = lean_forward(net, x, skips(spatial))
-        cl = lean_forward(
-            net.to(memory_format=torch.channels_last_3d),
-            x.contiguous(memory_format=torch.channels_last_3d),
-            skips(spatial),
+        want = _reference_forward(net, x)
+        got = net(x)
+        cl = net.to(memory_format=torch.channels_last_3d)(
+            x.contiguous(memory_format=torch.channels_last_3d)
         )
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(cl, want, atol=1e-5)
+    # with autograd (training) the pass is the same and gradients flow through the cropped skips
+    net.train()
+    x.requires_grad_(True)
+    net(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_skip_shapes_are_the_up_convolution_outputs():
+    net = UNet(1, 2, base_channels=2, depth=4)
+    spatial = net.input_shape_for_output((4, 8, 6))
+    seen = []
+    hooks = [
+        b.up.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:]))) for b in net.up
+    ]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, *spatial))
+    for h in hooks:
+        h.remove()
+    assert net.skip_shapes(spatial) == seen[::-1]  # top level first
 
 
 def test_fused_and_in_place_batch_norm_match_paper_batch_norm():
@@ -209,8 +237,8 @@ def test_tiled_prediction_equals_whole_volume_pass(depth, norm):
     kw = {"bn_mode": "running", "precision": "fp32", "progress": False}
     whole = Predictor(net, None, memory_budget_gb=64, **kw)
     tiled = Predictor(net, None, tile_zyx=tile, **kw)
-    a = whole.predict_logits(img)
-    b = tiled.predict_logits(img)
+    a = _probabilities(whole, img)
+    b = _probabilities(tiled, img)
     assert whole.last_report.num_tiles == 1
     assert tiled.last_report.grid_zyx == ((2, 2, 3) if depth == 3 else (2, 1, 1))
     if depth == 4:
@@ -225,14 +253,16 @@ def test_tiled_prediction_equals_whole_volume_pass(depth, norm):
             mode="reflect",
         )
         ref = net.eval()(torch.from_numpy(padded)[None])[0, :, : shape[0], : shape[1], : shape[2]]
-    assert np.abs(a - ref.numpy()).max() <= 1e-5
+    assert np.abs(a - torch.softmax(ref, 0).numpy()).max() <= 1e-5
     assert np.abs(a - b).max() <= 1e-5
 
 
-def test_evaluation_single_pass_pads_like_numpy_and_matches_the_predictor():
-    """The one-pass evaluation used during training mirrors the volume exactly as the tiling
-    predictor does (numpy's reflect, repeated for pads beyond one reflection)."""
-    from sparse3d.evaluation import _reflect_pad, predict_probabilities_single_pass
+def test_evaluation_is_the_predictor_and_pads_like_numpy():
+    """Training evaluation predicts through the one predictor (fp32): a batch-norm network
+    normalised with the volume's own statistics gives what one textbook pass over the
+    mirror-padded volume gives; the 2D path mirrors slices exactly as numpy's reflect does
+    (repeated for pads beyond one reflection)."""
+    from sparse3d.evaluation import _reflect_pad, predict_labels
 
     x = np.random.default_rng(3).normal(size=(1, 2, 5, 7, 3)).astype(np.float32)
     pads = [(9, 13), (2, 3), (7, 8)]  # beyond one reflection on two axes
@@ -240,13 +270,22 @@ def test_evaluation_single_pass_pads_like_numpy_and_matches_the_predictor():
     np.testing.assert_array_equal(_reflect_pad(torch.from_numpy(x), pads).numpy(), want)
 
     torch.manual_seed(2)
-    net = UNet(2, 3, base_channels=2, depth=3, norm="none").eval()
+    net = UNet(2, 3, base_channels=2, depth=3, norm="batch", bn_eval_stats="batch").eval()
+    _randomise_bn(net)
     img = _image((12, 20, 22))
-    one_pass = predict_probabilities_single_pass(net, img).numpy()
-    tiled = Predictor(net, None, tile_zyx=(56, 60, 56), precision="fp32", progress=False)
-    logits = torch.from_numpy(tiled.predict_logits(img))
-    assert tiled.last_report.num_tiles > 1
-    np.testing.assert_allclose(torch.softmax(logits, 0).numpy(), one_pass, atol=1e-5)
+    labels = predict_labels(net, img)
+    shape = img.shape[1:]
+    inp = net.input_shape_for_output(shape)
+    ctx = [(i - o) // 2 for i, o in zip(inp, net.output_shape(inp), strict=True)]
+    padded = np.pad(
+        img,
+        [(0, 0)] + [(c, i - n - c) for c, i, n in zip(ctx, inp, shape, strict=True)],
+        mode="reflect",
+    )
+    with torch.no_grad():
+        ref = net(torch.from_numpy(padded)[None])[0, :, : shape[0], : shape[1], : shape[2]]
+    assert (labels == ref.argmax(0).numpy()).mean() > 0.999
+    assert labels.dtype == np.uint8 and labels.shape == shape
 
 
 def test_same_padding_blending_leaves_no_gaps():
@@ -256,10 +295,12 @@ def test_same_padding_blending_leaves_no_gaps():
         net.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
     img = _image((10, 25, 18))
     p = Predictor(net, None, tile_zyx=(8, 12, 12), precision="fp32", progress=False)
-    logits = p.predict_logits(img)
+    probs = _probabilities(p, img)
     assert p.last_report.grid_zyx == (2, 3, 2)
-    want = np.broadcast_to(np.array([0.5, -1.0, 2.0])[:, None, None, None], logits.shape)
-    np.testing.assert_allclose(logits, want, atol=1e-6)
+    want = torch.softmax(torch.tensor([0.5, -1.0, 2.0]), 0).numpy()
+    np.testing.assert_allclose(
+        probs, np.broadcast_to(want[:, None, None, None], probs.shape), atol=1e-6
+    )
     labels, probs = p.predict_array(img, probabilities=True)
     assert (labels == 2).all() and probs.shape == (3, 10, 25, 18)
 
@@ -299,10 +340,9 @@ def test_recalibration_on_one_tile_equals_paper_batch_statistics():
 
 def test_bn_modes_in_the_predictor():
     torch.manual_seed(0)
-    net = UNet(2, 3, base_channels=2, depth=3, norm="batch")
+    net, meta = _net_and_meta(in_channels=2, num_classes=3, base_channels=2, depth=3, norm="batch")
     _randomise_bn(net)
     img = _image((12, 12, 24), seed=3) * 2 + 1
-    meta = _meta(net)
     small = {"tile_zyx": (56, 56, 56), "precision": "fp32", "progress": False}  # 1 x 1 x 2 tiles
     # one tile: recalibration is the paper's batch statistics, no extra pass
     one = Predictor(net, meta, memory_budget_gb=64, precision="fp32", progress=False)
@@ -312,12 +352,12 @@ def test_bn_modes_in_the_predictor():
     # several tiles: an extra pass estimates the statistics (over the largest tiles that fit,
     # here the whole volume) and fixes them: the tiled result equals the one-tile result
     rec = Predictor(net, meta, **small)
-    logits = rec.predict_logits(img)
+    probs = _probabilities(rec, img)
     assert rec.last_report.num_tiles > 1 and rec.last_report.bn_mode == "recalibrate"
-    np.testing.assert_allclose(logits, one.predict_logits(img), atol=1e-4)
+    np.testing.assert_allclose(probs, _probabilities(one, img), atol=1e-4)
     # the paper's per-tile statistics differ from tile to tile
-    paper = Predictor(net, meta, bn_mode="batch", **small).predict_logits(img)
-    assert np.abs(paper - logits).max() > 1e-3
+    paper = _probabilities(Predictor(net, meta, bn_mode="batch", **small), img)
+    assert np.abs(paper - probs).max() > 1e-3
     # a budget that allows only the prediction tiles: calibration runs over them
     tight = Predictor(net, meta, bn_mode="recalibrate", memory_budget_gb=1e-3, **small)
     tight.predict_array(img)
@@ -334,7 +374,7 @@ def test_bn_modes_in_the_predictor():
     res = bn_mode_iou(net, meta, img, ref, modes=("recalibrate", "batch"), **small)
     assert set(res) == {"recalibrate", "batch", "disagreement"}
     for mode in ("recalibrate", "batch"):
-        assert 0.0 <= res[mode]["iou/mean"] <= 1.0
+        assert 0.0 <= res[mode]["mean"] <= 1.0
         assert res[mode]["labelled_voxels"] == int((ref != meta.ignore_index).sum())
     assert 0.0 <= res["disagreement"]["recalibrate vs batch"] <= 1.0
 
@@ -404,7 +444,7 @@ def test_largest_tensor_of_a_pass_is_modelled():
     prof = NetProfile(net)
     tile = (60, 68, 76)
     assert all(net.geometry.is_legal(n) for n in tile)
-    tracer = _trace(_normalise_for_profile(net), tile, prof.skip_shapes)
+    tracer = _trace(_normalise_for_profile(net), tile)
     largest = max(int(np.prod(e[2])) for e in tracer.events if e[0] == "a")
     assert prof.max_elements(tile) == pytest.approx(largest)
     assert largest >= 4 * 58 * 66 * 74  # the first convolution's output
@@ -479,8 +519,8 @@ def test_bf16_labels_agree_with_fp32():
     lab32, _ = p32.predict_array(img)
     lab16, _ = p16.predict_array(img)
     assert (lab32 == truth).mean() > 0.5  # the net learnt something (chance: about 1/3)
-    logits32, logits16 = p32.predict_logits(img), p16.predict_logits(img)
-    assert np.abs(logits32 - logits16).max() > 0  # bf16 really was used
+    probs32, probs16 = _probabilities(p32, img), _probabilities(p16, img)
+    assert np.abs(probs32 - probs16).max() > 0  # bf16 really was used
     assert (lab16 == lab32).mean() >= 0.999
 
 
@@ -499,9 +539,10 @@ def _volume(tmp_path, shape=(20, 36, 40), channels=2, seed=0):
 
 def test_streaming_equals_in_memory(tmp_path):
     torch.manual_seed(0)
-    net = UNet(2, 3, base_channels=2, depth=3, norm="batch")
+    net, meta = _net_and_meta(
+        "percentile", in_channels=2, num_classes=3, base_channels=2, depth=3, norm="batch"
+    )
     _randomise_bn(net)
-    meta = _meta(net, normalization="percentile")
     path, img = _volume(tmp_path, shape=(16, 24, 28))
     kw = {"tile_zyx": (56, 60, 52), "precision": "fp32", "progress": False, "device": "cpu"}
     # 1 x 2 x 3 tiles; on the CPU the budget is host RAM too: a budget smaller than the volume
@@ -530,8 +571,10 @@ def test_streaming_equals_in_memory(tmp_path):
 
 
 def test_streaming_same_padded_blending(tmp_path):
-    net = UNet(2, 3, base_channels=2, depth=2, padding="same", norm="none")
-    meta = _meta(net, normalization="percentile")
+    net, meta = _net_and_meta(
+        "percentile", in_channels=2, num_classes=3, base_channels=2, depth=2, padding="same",
+        norm="none",
+    )  # fmt: skip
     path, img = _volume(tmp_path, shape=(10, 20, 24))
     kw = {"tile_zyx": (8, 12, 12), "precision": "fp32", "progress": False}
     want, _ = Predictor(net, meta, **kw).predict_array(img)
@@ -542,8 +585,9 @@ def test_streaming_same_padded_blending(tmp_path):
 
 
 def test_outputs_tiff_png_and_overwrite(tmp_path):
-    net = UNet(2, 3, base_channels=2, depth=2, norm="none")
-    meta = _meta(net, normalization="percentile")
+    net, meta = _net_and_meta(
+        "percentile", in_channels=2, num_classes=3, base_channels=2, depth=2, norm="none"
+    )
     path, _ = _volume(tmp_path, shape=(12, 20, 22))
     p = Predictor(net, meta, precision="fp32", progress=False)
     out, tif, png = tmp_path / "seg.h5", tmp_path / "seg.tif", tmp_path / "seg.png"
@@ -563,8 +607,9 @@ def test_outputs_tiff_png_and_overwrite(tmp_path):
 
 
 def test_channel_mismatch_is_one_clear_line(tmp_path):
-    net = UNet(3, 3, base_channels=2, depth=2, norm="none")
-    meta = ModelMeta(unet_kwargs(net), ("a", "b", "c"), 3, ("lectin", "dapi", "catenin"))
+    kw = {"in_channels": 3, "num_classes": 3, "base_channels": 2, "depth": 2, "norm": "none"}
+    net = UNet(**kw)
+    meta = ModelMeta(kw, ("a", "b", "c"), 3, ("lectin", "dapi", "catenin"))
     path, img = _volume(tmp_path, channels=1)
     p = Predictor(net, meta, progress=False)
     with pytest.raises(
@@ -585,3 +630,45 @@ def test_plan_for_the_paper_tile_has_expected_tiles():
     for t in plan.tiles:
         covered[t.out_slices] += 1
     assert (covered == 1).all()
+
+
+def test_plain_memory_model_is_conservative_and_plans_the_same_result():
+    """The fallback memory model (no torch internals) over-estimates the traced one and its
+    layout segments the same as any other layout; a failing tracer falls back to it."""
+    from sparse3d.inference import memory
+    from sparse3d.inference.plain_profile import PlainProfile
+
+    torch.manual_seed(0)
+    net = UNet(2, 3, base_channels=4, depth=3, norm="none").eval()
+    traced, plain = memory.NetProfile(net), PlainProfile(net)
+    for n in (44, 60, 92):
+        tile = (n, n, n)
+        assert plain.peak_bytes(tile) >= traced.peak_bytes(tile)
+        assert plain.max_elements(tile) >= traced.max_elements(tile)
+        assert plain.macs(tile) >= 0.9 * traced.macs(tile)  # no valid-convolution shrink
+    img = _image((20, 40, 36))
+    budget = float(traced.peak_bytes((60, 60, 60))) / 2**30
+    a = Predictor(net, None, precision="fp32", progress=False, memory_budget_gb=budget)
+    b = Predictor(
+        net, None, precision="fp32", progress=False, memory_budget_gb=budget, memory_model="plain"
+    )
+    la, pa = a.predict_array(img, probabilities=True)
+    lb, pb = b.predict_array(img, probabilities=True)
+    assert b.last_report.num_tiles >= a.last_report.num_tiles > 1
+    np.testing.assert_allclose(pa.astype(np.float32), pb.astype(np.float32), atol=2e-3)
+    with pytest.raises(ValueError, match="memory_model"):
+        Predictor(net, None, memory_model="guess")
+
+
+def test_a_broken_tracer_falls_back_to_the_plain_model(monkeypatch, caplog):
+    from sparse3d.inference import memory
+    from sparse3d.inference.plain_profile import PlainProfile
+
+    def broken(net):
+        raise ImportError("no dispatch hook in this torch")
+
+    monkeypatch.setattr(memory, "NetProfile", broken)
+    net = UNet(1, 2, base_channels=2, depth=2, norm="none")
+    with caplog.at_level("WARNING"):
+        profile = memory.net_profile(net)
+    assert isinstance(profile, PlainProfile) and "memory_model=plain" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -23,7 +24,9 @@ def test_hand_computed_case_with_ignored_voxels_predicted_as_every_class():
     # class 0: TP 1, FP 0, FN 1 -> 1/2; class 1: TP 2, FP 1, FN 1 -> 2/4; class 2: TP 1, FP 1 -> 1/2
     assert iou.tolist() == [0.5, 0.5, 0.5]
     s = iou_summary(cm, ("inside", "tubule", "background"))
-    assert s["iou/mean"] == 0.5 and s["labelled_voxels"] == 6
+    assert s["mean"] == 0.5 and s["labelled_voxels"] == 6
+    assert s["iou"] == {"inside": 0.5, "tubule": 0.5, "background": 0.5}
+    assert s["confusion"] == [[1, 1, 0], [0, 2, 1], [0, 0, 1]]
 
 
 def test_ignored_predictions_change_nothing():
@@ -41,7 +44,19 @@ def test_absent_class_is_nan_and_excluded_from_mean():
     cm = confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 3, IGN)
     iou = iou_from_confusion(cm)
     assert iou[0] == 0.5 and iou[1] == 0.5 and math.isnan(iou[2])
-    assert iou_summary(cm, ("a", "b", "c"))["iou/mean"] == 0.5
+    s = iou_summary(cm, ("a", "b", "c"))
+    assert s["mean"] == 0.5 and s["iou"]["c"] is None
+    json.dumps(s, allow_nan=False)  # JSON without NaN: an absent class is null
+
+
+def test_summary_readers_take_both_schemas():
+    from sparse3d.metrics import summary_class_iou, summary_mean
+
+    new = iou_summary(np.array([[3, 1], [0, 4]]), ("a", "b"))
+    old = {"iou/a": new["iou"]["a"], "iou/b": new["iou"]["b"], "iou/mean": new["mean"]}
+    assert summary_mean(new) == summary_mean(old) == new["mean"]
+    assert summary_class_iou(new) == summary_class_iou(old) == new["iou"]
+    assert math.isnan(summary_mean(None)) and math.isnan(summary_mean({"mean": None}))
 
 
 def test_perfect_and_disjoint():

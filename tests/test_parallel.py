@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sparse3d.distributed as sd
-from sparse3d.train import _ranks_in_sync
+from sparse3d.fitting import ranks_in_sync as _ranks_in_sync
 
 
 class _RecordingStrategy:
@@ -87,8 +87,8 @@ def test_sync_batchnorm_keeps_paper_batchnorm(trainer):
     from hydra.utils import instantiate
     from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 
+    from sparse3d.fitting import trainer_extras as _trainer_extras
     from sparse3d.models.blocks import PaperBatchNorm, PaperSyncBatchNorm
-    from sparse3d.train import _trainer_extras
 
     cfg = _compose(
         ["preset=smoke", "model=unet3d", f"trainer={trainer}", "++trainer.sync_batchnorm=true"]
@@ -130,7 +130,7 @@ def test_sync_batchnorm_keeps_paper_batchnorm(trainer):
 
 def test_ddp_config_does_not_sync_batchnorm_by_default():
     """The paper normalises each GPU's tile by itself; synchronising is opt-in."""
-    from sparse3d.train import _trainer_extras
+    from sparse3d.fitting import trainer_extras as _trainer_extras
 
     cfg = _compose(["trainer=ddp"])
     assert cfg.trainer.sync_batchnorm is False and _trainer_extras(cfg.trainer) == {}
@@ -172,7 +172,7 @@ def test_slurm_launcher_with_the_single_device_trainer():
 )
 def test_local_sweep_with_ddp_is_refused(launcher, devices, refused):
     from sparse3d.cli import UserError
-    from sparse3d.train import _check_ddp_launch
+    from sparse3d.fitting import check_ddp_launch as _check_ddp_launch
 
     cfg = _compose(
         [f"hydra/launcher={launcher}", "trainer=ddp", f"trainer.devices={devices}"], hydra_cfg=True
@@ -250,7 +250,7 @@ def test_densify_predicts_and_writes_on_rank_zero_only(tmp_path, monkeypatch):
 # -- 5: trainer.deterministic=true does not crash on CUDA ----------------------------------------
 @pytest.mark.parametrize("cuda,want", [(False, True), (True, "warn")])
 def test_deterministic_true_becomes_warn_on_cuda(monkeypatch, cuda, want):
-    from sparse3d.train import _trainer_extras
+    from sparse3d.fitting import trainer_extras as _trainer_extras
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     cfg = _compose(["trainer.deterministic=true"])
@@ -300,64 +300,6 @@ def _fake_trainer(world: int = 1, rank: int = 0, device: str = "cpu", epoch: int
     )
 
 
-@pytest.mark.parametrize("volumes", [1, 2, 3, 5])
-@pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_evaluation_sampler_gives_each_volume_to_one_rank(volumes, ranks):
-    from sparse3d.datamodule import PLACEHOLDER, EvaluationSampler
-
-    data = list(range(volumes))
-    shards = [list(EvaluationSampler(data, ranks, r)) for r in range(ranks)]
-    assert len({len(s) for s in shards}) == 1  # every rank runs as many validation steps
-    real = sorted(i for s in shards for i in s if i != PLACEHOLDER)
-    assert real == data  # each volume exactly once
-
-
-def _module(num_classes: int = 2):
-    import numpy as np
-
-    from sparse3d.losses import MaskedCrossEntropy
-    from sparse3d.models import UNet
-    from sparse3d.module import SegmentationModule
-
-    return SegmentationModule(
-        net=UNet(1, num_classes, base_channels=2, depth=2, norm="none"),
-        loss=MaskedCrossEntropy(num_classes, num_classes),
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-        scheduler=None,
-        class_names=tuple(f"c{i}" for i in range(num_classes)),
-        ignore_index=num_classes,
-        predict_volume=lambda net, image: (image[0] > 0.5).astype(np.uint8),
-        model_meta={},
-    )
-
-
-def test_sharded_validation_counts_each_volume_once(tmp_path):
-    """Two DDP ranks over three volumes: the pooled confusion equals one process's."""
-    import numpy as np
-
-    dm = _datamodule(tmp_path, n_volumes=3)
-    whole = _module()
-    for batch in dm.evaluation_dataloader():
-        whole.evaluate_volume(batch)
-    want = whole.evaluation_confusion(sync=False)
-    pooled = None
-    for rank in range(2):
-        dm.trainer = _fake_trainer(world=2, rank=rank)
-        module = _module()
-        steps = 0
-        for batch in dm.val_dataloader():  # what Lightning iterates on this rank
-            module.evaluate_volume(batch)
-            steps += 1
-        assert steps == 2
-        got = module.evaluation_confusion(sync=False)
-        pooled = got if pooled is None else {k: pooled[k] + got[k] for k in got}
-    assert want["heldout"].sum() > 0
-    for key in want:
-        np.testing.assert_array_equal(pooled[key], want[key])
-    # the evaluation after fit (rank 0 alone) sees every volume
-    assert len(list(dm.evaluation_dataloader())) == 3
-
-
 def test_training_loader_options(tmp_path):
     dm = _datamodule(tmp_path)
     loader = dm.train_dataloader()  # no trainer: no workers, pinned only with CUDA
@@ -398,18 +340,18 @@ def test_gpu_preset_feeds_the_gpu_and_cpu_presets_stay_in_process():
 
 
 # -- 8: the evaluation after fit runs where the model trained ------------------------------------
-def test_evaluation_after_fit_runs_on_the_training_device():
-    from sparse3d.train import _evaluate_after_fit
+def test_evaluation_after_fit_runs_on_the_training_device(monkeypatch, tmp_path):
+    import numpy as np
 
-    cpu = torch.device("cpu")
+    from sparse3d import evaluation, outputs, train
+    from sparse3d.labels import LabelSpec
 
-    class Module:
-        """Records the device it is on whenever a volume is evaluated."""
+    seen = []
+
+    class Net:
+        """Records the device it is on when evaluated (moving to "the GPU" costs nothing)."""
 
         device = torch.device("cpu")
-
-        def __init__(self) -> None:
-            self.seen: list[torch.device] = []
 
         def to(self, device):
             self.device = torch.device(device)
@@ -418,27 +360,34 @@ def test_evaluation_after_fit_runs_on_the_training_device():
         def cpu(self):
             return self.to("cpu")
 
-        def reset_evaluation(self):
-            self.seen.clear()
+    def fake_evaluate(net, vols, class_names, ignore_index):
+        seen.append(net.device)
+        return {"heldout": None, "heldout_all": None, "all_voxels": None}, {}
 
-        def evaluate_volume(self, batch):
-            self.seen.append(self.device)
-
-        def evaluation_scalars(self, sync):
-            return {"val/iou": 1.0}
-
-        def evaluation_confusion(self, sync):
-            return {"heldout": len(self.seen)}
-
+    monkeypatch.setattr(evaluation, "evaluate_volumes", fake_evaluate)
+    monkeypatch.setattr(outputs, "write_run_outputs", lambda *a, **k: {})
+    net = Net()
+    labels = LabelSpec(("a", "b"), 2)
+    job = types.SimpleNamespace(
+        facts=types.SimpleNamespace(labels=labels),
+        datamodule=types.SimpleNamespace(volumes={}),
+        module=types.SimpleNamespace(net=net),
+        split=types.SimpleNamespace(test={}, name="s", train={}),
+        class_weights=None,
+        model_meta={},
+    )
+    monkeypatch.setattr("sparse3d.experiment.train_voxel_fraction", lambda job: 0.5)
     logged = []
-    logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append((m, step)))
+    logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append(step))
     trainer = types.SimpleNamespace(
         strategy=types.SimpleNamespace(root_device=torch.device("meta")),  # "the GPU"
         loggers=[logger],
         global_step=7,
+        world_size=1,
     )
-    dm = types.SimpleNamespace(evaluation_dataloader=lambda: [{"n": 1}, {"n": 2}])
-    module = Module()  # after fit: on the CPU
-    assert _evaluate_after_fit(trainer, module, dm) == {"heldout": 2}
-    assert module.seen == [torch.device("meta")] * 2
-    assert module.device == cpu and logged == [({"val/iou": 1.0}, 7)]
+    cfg = _compose(["preset=smoke", "logger=none"])
+    metrics = train._evaluate(cfg, job, trainer, tmp_path, True, 1.0, None)
+    assert seen == [torch.device("meta")]
+    assert net.device == torch.device("cpu")  # back for saving
+    assert metrics["steps"] == 7 and logged == [7] and (tmp_path / "metrics.json").is_file()
+    assert np.isclose(metrics["train_voxel_fraction"], 0.5)

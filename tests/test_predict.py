@@ -14,7 +14,7 @@ import tifffile
 import torch
 from hydra import compose, initialize_config_dir
 
-from sparse3d.checkpoint import ModelMeta, save_model, unet_kwargs
+from sparse3d.checkpoint import ModelMeta, save_model
 from sparse3d.cli import CONF_DIR, UserError
 from sparse3d.data.volume import VolumeMeta, write_volume
 from sparse3d.labels import LabelSpec
@@ -35,8 +35,10 @@ def _one_thread():
 
 def _model(path: Path, channels: tuple[str, ...]) -> Path:
     torch.manual_seed(0)
-    net = UNet(len(channels), 3, base_channels=2, depth=2, norm="batch")
-    meta = ModelMeta(unet_kwargs(net), LABELS.class_names, 3, channels, (2.0, 1.0, 1.0))
+    kw = {"in_channels": len(channels), "num_classes": 3, "base_channels": 2, "depth": 2,
+          "norm": "batch"}  # fmt: skip
+    net = UNet(**kw)
+    meta = ModelMeta(kw, LABELS.class_names, 3, channels, (2.0, 1.0, 1.0))
     return save_model(path, net, meta)
 
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparse3d.atomic import write_json_atomic
 from sparse3d.data.annotation import slice_mask, uniform_positions
 from sparse3d.data.protocols import (
     PAPER_SWEEP_SETUPS,
     Split,
     annotated_fraction,
     leave_one_volume_out_splits,
-    load_splits,
-    save_splits,
     semi_cv_splits,
     slice_items,
     slice_sweep_splits,
@@ -89,18 +88,25 @@ def test_split_json_round_trip(tmp_path: Path) -> None:
     for s in splits:
         again = Split.from_dict(json.loads(json.dumps(s.to_dict())))
         assert again == s
-    path = save_splits(tmp_path / "splits.json", splits)
-    assert load_splits(path) == splits
-    with pytest.raises(FileExistsError):
-        save_splits(path, splits)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # split.json as the run folder writes it
+    path = write_json_atomic(tmp_path / "split.json", splits[0].to_dict())
+    assert Split.from_dict(json.loads(path.read_text())) == splits[0]
     with pytest.raises(ValueError, match="missing key"):
         Split.from_dict({"name": "x", "train": {}})
+    with pytest.raises(ValueError, match="expected a mapping"):
+        Split.from_dict([])
     with pytest.raises(ValueError, match="unknown slice axes"):
         Split(name="x", train={"v": {"q": [1]}}, test={})
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        load_splits(tmp_path / "bad.json")
+
+
+def test_folds_are_numbered_like_the_config() -> None:
+    """``fold=1`` selects ``splits[0]``; its split.json says fold 1 (not 0)."""
+    semi = semi_cv_splits(_annotated(), k=3, seed=0)
+    assert [s.meta["fold"] for s in semi] == [1, 2, 3]
+    assert [s.name for s in semi] == ["semi_cv_fold1", "semi_cv_fold2", "semi_cv_fold3"]
+    lovo = leave_one_volume_out_splits(_annotated())
+    assert [s.meta["fold"] for s in lovo] == [1, 2, 3]
+    assert [s.meta["test_volume"] for s in lovo] == ["sample1", "sample2", "sample3"]
 
 
 def test_slice_sweep_counts_and_unused_test_slices() -> None:

@@ -97,3 +97,43 @@ def test_old_run_folders_with_dense_are_read(tmp_path):
     row2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
     assert "| 0.700 | 0.871 | 0.600 |" in row2
     assert "1 run(s) come from an earlier version" in text
+
+
+def test_paper_results_ship_inside_the_package(tmp_path):
+    """The paper's numbers are package data (a wheel install has no ``experiments/``)."""
+    from importlib import resources
+
+    import tomllib
+
+    from sparse3d.report import PAPER_RESULTS, paper_results
+
+    assert resources.files("sparse3d").joinpath(PAPER_RESULTS).is_file()
+    paper = paper_results()
+    assert paper["semi_cv"]["rows"]["1"]["unet3d"] == 0.855
+    assert paper["full_auto"]["rows"]["3"]["unet2d"] == 0.325
+    assert paper["slice_sweep"]["setups"]["4"] == "5,5,3"
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert PAPER_RESULTS in pyproject["tool"]["setuptools"]["package-data"]["sparse3d"]
+    assert not (Path(__file__).parents[1] / "experiments" / PAPER_RESULTS).exists()  # one copy
+    # the report runs from anywhere: no path relative to a source checkout
+    _run(tmp_path, "semi_cv", "unet3d")
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse3d.report", str(tmp_path), "--out", "r.md"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "0.855" in (tmp_path / "r.md").read_text()
+
+
+def test_fold_comes_from_metrics_json_not_split_json(tmp_path):
+    """split.json numbers folds 1..3 now (0..2 before); the report reads the fold from
+    metrics.json, which always held the command line's 1-based ``fold``, so old and new run
+    folders land in the same rows."""
+    old = _run(tmp_path, "semi_cv", "unet3d", fold=1, iou=0.6)
+    write_json_atomic(old / "split.json", {"name": "semi_cv_fold0", "meta": {"fold": 0}})
+    new = _run(tmp_path, "semi_cv", "unet3d", fold=1, iou=0.4, seed=1)
+    write_json_atomic(new / "split.json", {"name": "semi_cv_fold1", "meta": {"fold": 1}})
+    text = build_report([tmp_path], tmp_path / "report.md")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| 1 |") and "0.500 (n=2)" in line for line in rows)
+    assert not any(line.startswith("| 0 |") for line in rows)

@@ -133,7 +133,7 @@ def test_forest_recovers_spheres_from_three_orthogonal_plane_pairs():
     unannotated = np.where(sparse == IGNORE, dense, IGNORE)
     iou = iou_summary(confusion_matrix(pred, unannotated, 2, IGNORE), ("ball", "background"))
     assert iou["labelled_voxels"] == int((sparse == IGNORE).sum())
-    assert iou["iou/ball"] > 0.9 and iou["iou/mean"] > 0.9
+    assert iou["iou"]["ball"] > 0.9 and iou["mean"] > 0.9
 
 
 def test_probabilities_sum_to_one_and_unseen_classes_get_zero():

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+import shlex
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -12,14 +17,22 @@ from matplotlib.image import imread
 from sparse3d.data import synth
 from sparse3d.data.annotation import slice_mask
 from sparse3d.data.synth import (
+    GENERATOR_VERSION,
     SAMPLE1,
+    SAMPLE2,
     SAMPLE3,
     SAMPLES,
+    StaleBenchmarkError,
     annotated_slices_for,
+    ensure_benchmark,
     generate_benchmark,
+    provenance_for,
+    read_provenance,
     render_sample,
 )
-from sparse3d.data.volume import open_volume
+from sparse3d.data.synth import benchmark as synth_benchmark
+from sparse3d.data.synth.provenance import PROVENANCE_ATTRS
+from sparse3d.data.volume import load_volume, open_volume
 from sparse3d.labels import XENOPUS
 
 LUMEN, TUBULE, BACKGROUND = 0, 1, 2
@@ -158,3 +171,147 @@ def test_cli_writes_three_volumes(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert (tmp_path / f"{s.name}.h5").exists() and (tmp_path / f"{s.name}.png").exists()
         assert s.name in out
     assert synth.main(["--out", str(tmp_path), "--scale", "0.2"]) == 1  # no overwrite
+
+
+# -- provenance ------------------------------------------------------------------------------
+SCALE = 0.2
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sample1 at scale 0.2, seed 0, written once by the generator (tests work on copies)."""
+    folder = tmp_path_factory.mktemp("bench")
+    return generate_benchmark(folder, scale=SCALE, seed=0, samples=(SAMPLE1,), previews=False)[0]
+
+
+def _copy(src: Path, folder: Path) -> Path:
+    return Path(shutil.copy2(src, folder / src.name))
+
+
+#: Ways a file can fail to match the current generator: attribute changes (None deletes).
+TAMPERINGS = {
+    "old_version": {"generator_version": np.int64(GENERATOR_VERSION - 1)},
+    "other_seed": {"generator_seed": np.int64(1)},
+    "other_scale": {"generator_scale": np.float64(0.25)},
+    "other_params": {"generator_params_sha256": "0" * 64},
+    "other_generator": {"generator": "somebody.else"},
+    "no_provenance": dict.fromkeys(PROVENANCE_ATTRS),
+    "partial_provenance": {"generator_params_sha256": None},
+}
+
+
+def _tamper(path: Path, kind: str) -> None:
+    with h5py.File(path, "r+") as f:
+        for key, value in TAMPERINGS[kind].items():
+            if value is None:
+                del f.attrs[key]
+            else:
+                f.attrs[key] = value
+
+
+def test_generated_files_record_their_provenance(written: Path) -> None:
+    prov = read_provenance(written)
+    assert prov == provenance_for(SAMPLE1, SCALE, 0)
+    assert (prov.generator, prov.version, prov.seed, prov.scale) == (
+        "sparse3d.data.synth",
+        GENERATOR_VERSION,
+        0,
+        SCALE,
+    )
+    assert re.fullmatch("[0-9a-f]{64}", prov.params_sha256)
+    # the hash follows every parameter, and differs between the samples
+    tweaked = dataclasses.replace(SAMPLE1, vignetting=SAMPLE1.vignetting + 0.01)
+    assert provenance_for(tweaked, SCALE, 0).params_sha256 != prov.params_sha256
+    assert provenance_for(SAMPLE2, SCALE, 0).params_sha256 != prov.params_sha256
+    assert provenance_for(SAMPLE1, SCALE, 0).params_sha256 == prov.params_sha256  # stable
+    with open_volume(written) as vol:  # still a valid volume file
+        assert vol.has_dense_label
+
+
+def test_current_files_are_returned_untouched(
+    written: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _copy(written, tmp_path)
+    before = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        for allowed in (False, True):
+            assert ensure_benchmark(tmp_path, SCALE, 0, ["sample1"], allowed) == {"sample1": path}
+    assert path.stat().st_mtime_ns == before
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("kind", list(TAMPERINGS))
+def test_stale_file_is_refused_when_generation_is_not_allowed(
+    written: Path, tmp_path: Path, kind: str
+) -> None:
+    path = _copy(written, tmp_path)
+    _tamper(path, kind)
+    with pytest.raises(StaleBenchmarkError) as info:
+        ensure_benchmark(tmp_path, SCALE, 0, ["sample1"], generate_if_missing=False)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in msg and msg.startswith(f"{path} is stale: ")
+    command = f"python -m sparse3d.data.synth --out {shlex.quote(str(tmp_path))} --scale 0.2"
+    assert f"`{command} --seed 0 --overwrite`" in msg
+    if kind == "no_provenance":
+        assert "no generator provenance" in msg
+    # nothing was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample1.h5"]
+
+
+@pytest.mark.parametrize("kind", ["old_version", "no_provenance"])
+def test_stale_file_is_regenerated_when_allowed(
+    written: Path, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _copy(written, tmp_path)
+    _tamper(path, kind)
+    with h5py.File(path, "r+") as f:
+        f["image"][...] = 0.0  # so that only a regenerated file has the right image
+    with caplog.at_level(logging.INFO):
+        out = ensure_benchmark(tmp_path, SCALE, 0, ["sample1"], True, previews=False)
+    assert out == {"sample1": path}
+    why = [r.getMessage() for r in caplog.records if r.getMessage().startswith("regenerating")]
+    assert len(why) == 1 and str(path) in why[0], why
+    assert ("generator_version 0" if kind == "old_version" else "no generator provenance") in why[0]
+    assert read_provenance(path) == provenance_for(SAMPLE1, SCALE, 0)
+    new, ref = load_volume(path), load_volume(written)
+    np.testing.assert_array_equal(new.image, ref.image)
+    np.testing.assert_array_equal(new.dense_label, ref.dense_label)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample1.h5"]  # no temporary left
+
+
+def test_failed_regeneration_leaves_the_old_file(
+    written: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is replaced only once complete (temporary name, then os.replace)."""
+    path = _copy(written, tmp_path)
+    _tamper(path, "old_version")
+
+    def broken(path: Path, prov: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(synth_benchmark, "write_provenance", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_benchmark(tmp_path, SCALE, 0, ["sample1"], True, previews=False)
+    assert read_provenance(path).version == GENERATOR_VERSION - 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample1.h5"]
+
+
+def test_missing_files_are_generated_only_when_allowed(tmp_path: Path, written: Path) -> None:
+    folder = tmp_path / "bench"
+    with pytest.raises(FileNotFoundError, match=r"missing data file .*sample1\.h5: generate it"):
+        ensure_benchmark(folder, SCALE, 0, ["sample1"], generate_if_missing=False)
+    assert not folder.exists()
+    out = ensure_benchmark(folder, SCALE, 0, ["sample1"], generate_if_missing=True)
+    assert out == {"sample1": folder / "sample1.h5"}
+    assert (folder / "sample1.png").is_file()
+    assert read_provenance(out["sample1"]) == provenance_for(SAMPLE1, SCALE, 0)
+    np.testing.assert_array_equal(load_volume(out["sample1"]).image, load_volume(written).image)
+
+
+def test_ensure_benchmark_rejects_unknown_samples_and_scales(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown synthetic sample 'sample4'"):
+        ensure_benchmark(tmp_path, SCALE, 0, ["sample4"], True)
+    with pytest.raises(ValueError, match="scale must be in"):
+        ensure_benchmark(tmp_path, 2.0, 0, ["sample1"], True)
+    assert not list(tmp_path.iterdir())

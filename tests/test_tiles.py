@@ -13,19 +13,9 @@ from sparse3d.data.tiles import (
     input_start,
     labelled_yield,
     read_region,
-    reflect_indices,
 )
 
 IGNORE = 3
-
-
-def test_reflect_indices_match_numpy_reflect_pad():
-    for size in (2, 3, 7):
-        data = np.arange(size)
-        for pad in (0, 1, size - 1, size, 2 * size + 1, 3 * size):
-            padded = np.pad(data, pad, mode="reflect")
-            np.testing.assert_array_equal(reflect_indices(-pad, size + pad, size), padded)
-    np.testing.assert_array_equal(reflect_indices(-3, 3, 1), np.zeros(6))
 
 
 def test_extract_interior_is_view_with_right_values():

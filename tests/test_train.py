@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -55,7 +56,7 @@ def test_paper_preset_is_the_paper():
 
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_augment_configs_build(augment):
-    from sparse3d.train import build_transform
+    from sparse3d.experiment import build_transform
 
     cfg = _compose([f"augment={augment}"])
     t = build_transform(
@@ -148,6 +149,8 @@ def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
     )
     split = json.loads((run_dir / "split.json").read_text())
     assert split["test"] and split["train"]
+    saved = OmegaConf.load(run_dir / "config.yaml")  # the network as the data made it
+    assert saved.model.net.in_channels == 3 and saved.model.net.num_classes == 3
 
 
 @pytest.mark.slow
@@ -293,3 +296,72 @@ def test_wheel_ships_the_config_tree(tmp_path):
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert out.stdout.strip() == str(tree), out.stderr
+
+
+# -- every volume is checked, W&B runs are closed ------------------------------------------------
+def _volume_file(path: Path, voxel=(2.0, 1.0, 1.0), classes=("fg", "bg"), channels=("ch0",)):
+    from sparse3d.data.volume import VolumeMeta, write_volume
+    from sparse3d.labels import LabelSpec
+
+    image = np.random.default_rng(0).random((len(channels), 8, 10, 12), dtype=np.float32)
+    label = np.full((8, 10, 12), len(classes), dtype=np.uint8)
+    label[4] = 0
+    label[4, :5] = 1
+    meta = VolumeMeta(
+        voxel_size_zyx_um=voxel,
+        channel_names=tuple(channels),
+        labels=LabelSpec(tuple(classes), len(classes)),
+        annotated_slices={"z": (4,), "y": (), "x": ()},
+    )
+    write_volume(path, image, label, meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "other,needle",
+    [
+        ({"voxel": (2.0, 1.0, 1.5)}, "voxel size"),
+        ({"classes": ("fg", "edge", "bg")}, "class names"),
+        ({"channels": ("ch0", "ch1")}, "channels"),
+    ],
+)
+def test_volumes_of_another_kind_are_refused_in_one_line(tmp_path, other, needle):
+    from sparse3d.cli import UserError
+    from sparse3d.experiment import read_facts
+
+    a = _volume_file(tmp_path / "a.h5")
+    b = _volume_file(tmp_path / "b.h5", **other)
+    with pytest.raises(UserError, match=needle) as err:
+        read_facts({"a": a, "b": b})
+    assert "\n" not in str(err.value) and str(b) in str(err.value)
+    near = _volume_file(tmp_path / "c.h5", voxel=(2.0, 1.0, 1.004))  # rounding: accepted
+    assert read_facts({"a": a, "c": near}).voxel_size_zyx_um == (2.0, 1.0, 1.0)
+
+
+def test_wandb_run_is_finished_when_a_job_fails(monkeypatch, tmp_path):
+    """A failing job of a multirun sweep still closes its W&B run (else the next job's run
+    inherits it)."""
+    import types
+
+    import wandb
+
+    from sparse3d import experiment, fitting
+
+    finished = []
+    monkeypatch.setattr(wandb, "finish", lambda *a, **k: finished.append(True))
+    job = types.SimpleNamespace(
+        split=types.SimpleNamespace(to_dict=lambda: {}),
+        net_cfg={"in_channels": 1, "num_classes": 2},
+    )
+    monkeypatch.setattr(experiment, "build", lambda cfg: job)
+    monkeypatch.setattr("sparse3d.train._save_config", lambda cfg, job, path: None)
+    monkeypatch.setattr(fitting, "make_loggers", lambda cfg, run_dir: ([], object()))
+
+    def broken_trainer(cfg, run_dir, loggers):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fitting, "make_trainer", broken_trainer)
+    cfg = _compose(["preset=smoke"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(cfg, tmp_path / "run")
+    assert finished == [True]

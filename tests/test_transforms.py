@@ -9,7 +9,9 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.ndimage import gaussian_filter
 from scipy.sparse.linalg import spsolve
 
-import sparse3d.data.transforms as tr
+from sparse3d.data import resample_fast
+from sparse3d.data.deform import source_box
+from sparse3d.data.resample import RESAMPLERS, resample
 from sparse3d.data.tiles import extract_tile
 from sparse3d.data.transforms import (
     RandGrayValued,
@@ -266,27 +268,150 @@ def test_2d_transform():
 
 
 def test_row_sampler_matches_3d_grid_sample():
-    """The CPU row-flattened trilinear sampler vs PyTorch's 3D grid_sample."""
+    """The fast backend's CPU row-flattened trilinear sampler vs PyTorch's 3D grid_sample."""
     image = torch.from_numpy(smooth_image((30, 44, 40), channels=2))
     label = torch.from_numpy(blob_label((30, 44, 40)))
     t = deform()
     t.set_random_state(4)
     t.randomize(SHAPE)
-    plan = t._plan(((30 - 24) // 2, 2, 2), (0, 0, 0), SHAPE)
-    fast = t._sample_image(image, plan)
-    padded = [bool(plan.lo[c] < 0 or plan.hi[c] > s - 1) for c, s in enumerate(image.shape[1:])]
-    a, b = tr._crop_box(plan.lo, plan.hi, image.shape[1:], padded)
+    plan = t.plan(((30 - 24) // 2, 2, 2), (0, 0, 0), SHAPE)
+    fast = resample_fast.linear(image, plan, "reflection")
+    padded = plan.reaches_outside(image.shape[1:])
+    a, b = source_box(plan, image.shape[1:], padded)
     src = image[:, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
-    ref = t._generic(src, plan, a, "bilinear", "reflection")
+    ref = resample_fast._generic(src, plan, a, "bilinear", "reflection")
     assert (fast - ref).abs().max() < 5e-3 * image.abs().max()
-    lab_fast = t._sample_label(label, plan)
-    old = tr.MAX_ROWS
+    lab_fast = resample_fast.nearest(label, plan, IGNORE)
+    old = resample_fast.MAX_ROWS
     try:
-        tr.MAX_ROWS = 0  # force the 3D path
-        lab_ref = t._sample_label(label, plan)
+        resample_fast.MAX_ROWS = 0  # force the 3D path
+        lab_ref = resample_fast.nearest(label, plan, IGNORE)
     finally:
-        tr.MAX_ROWS = old
+        resample_fast.MAX_ROWS = old
     assert (lab_fast == lab_ref).float().mean() > 0.999
+
+
+# ---- resampling backends: "fast" vs "plain" ---------------------------------------------------
+
+
+def half_voxel_ties(q, eps=1e-3):
+    """``(*box)`` mask: a coordinate ``q (D, *box)`` within ``eps`` of a half-voxel position on
+    some axis, where nearest-neighbour may round either way."""
+    return (np.abs(q - np.floor(q) - 0.5) < eps).any(axis=0)
+
+
+BACKEND_CASES = {
+    "3d": dict(),
+    "3d_border": dict(image_padding="border"),
+    "3d_label_box": dict(label_spatial_size=(8, 12, 10)),
+    "3d_strong": dict(scale_range=(0.6, 0.7), rotate_range_deg=(180.0, 40.0, 40.0)),
+    "2d": dict(
+        spatial_size=(32, 36),
+        label_spatial_size=(16, 20),
+        rotate_range_deg=(180.0,),
+        voxel_size_zyx_um=(1.0, 1.0),
+        scale_range=(0.7, 0.8),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(BACKEND_CASES))
+def test_plain_and_fast_backends_agree(case):
+    """Same draw through both backends: images equal to float32 round-off, labels equal away
+    from half-voxel ties, and label voxels from outside the volume are ignore in both."""
+    kw = BACKEND_CASES[case]
+    vol = (40, 56, 52) if "spatial_size" not in kw else (40, 44)
+    image = smooth_image(vol, channels=2)
+    label = blob_label(vol, ignore_fraction=0.2)
+    start = (-6, 20, 3) if len(vol) == 3 else (-6, 15)  # overhangs the volume on axis 0
+    fast, plain = deform(**kw), deform(**kw, resampler="plain")
+    assert (fast.resampler, plain.resampler) == ("fast", "plain")
+    outside_seen = 0
+    for seed in range(3):
+        data = {"image": image, "label": label, "tile_start_zyx": start}
+        fast.set_random_state(seed)
+        plain.set_random_state(seed)
+        a, b = fast(data), plain(data)
+        assert a["image"].dtype == b["image"].dtype == np.float32
+        assert a["label"].dtype == b["label"].dtype == np.uint8
+        diff = np.abs(a["image"] - b["image"]).max()
+        assert diff < 1e-4 * np.abs(image).max(), diff
+        q = fast.sampling_coordinates(vol, start, label=True)
+        ties = half_voxel_ties(q)
+        assert ties.mean() < 0.05
+        np.testing.assert_array_equal(a["label"][~ties], b["label"][~ties])
+        r = np.round(q)
+        outside = ~np.all((r >= 0) & (r <= np.asarray(vol).reshape(-1, *[1] * len(vol)) - 1), 0)
+        outside &= ~ties
+        assert (a["label"][outside] == IGNORE).all() and (b["label"][outside] == IGNORE).all()
+        outside_seen += outside.sum()
+    assert outside_seen > 0  # the start overhang really pulls voxels from outside
+
+
+def test_plain_and_fast_agree_on_int_images_and_torch_tensors():
+    image = (smooth_image((30, 44, 40)) * 1000).astype(np.int16)
+    label = torch.from_numpy(blob_label((30, 44, 40)).astype(np.int64))
+    outs = []
+    for backend in RESAMPLERS:
+        t = deform(resampler=backend)
+        t.set_random_state(1)
+        outs.append(t({"image": torch.from_numpy(image), "label": label}))
+    (a, b) = outs
+    assert a["image"].dtype == b["image"].dtype == torch.float32
+    assert a["label"].dtype == b["label"].dtype == torch.int64
+    assert (a["image"] - b["image"]).abs().max() < 1e-4 * np.abs(image).max()
+    assert (a["label"] == b["label"]).float().mean() > 0.999
+
+
+def test_resample_function_backends_and_errors():
+    image = torch.from_numpy(smooth_image((30, 44, 40)))
+    label = torch.from_numpy(blob_label((30, 44, 40)))
+    t = deform()
+    t.set_random_state(0)
+    t.randomize(SHAPE)
+    plan = t.plan((3, 2, 2), (0, 0, 0), SHAPE)
+    fast = resample(image, plan, "linear", "fast")
+    plain = resample(image, plan, "linear", "plain")
+    assert fast.shape == plain.shape == (2, *SHAPE)
+    assert (fast - plain).abs().max() < 1e-4 * image.abs().max()
+    lab = [resample(label, plan, "nearest", b, ignore_index=IGNORE) for b in RESAMPLERS]
+    assert lab[0].shape == lab[1].shape == SHAPE and lab[0].dtype == torch.uint8
+    assert (lab[0] == lab[1]).float().mean() > 0.999
+    with pytest.raises(ValueError, match="unknown resampler 'slow'.*fast.*plain"):
+        resample(image, plan, "linear", "slow")
+    with pytest.raises(ValueError, match="mode"):
+        resample(image, plan, "cubic", "plain")
+    with pytest.raises(ValueError, match="ignore_index"):
+        resample(label, plan, "nearest", "plain")
+    with pytest.raises(ValueError, match="padding"):
+        resample(image, plan, "linear", "plain", padding="zeros")
+
+
+def test_unknown_resampler_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown resampler 'fastest'.*'fast', 'plain'"):
+        deform(resampler="fastest")
+
+
+def test_config_resampler_reaches_the_transform():
+    """``resampler`` in conf/augment/paper.yaml (and its command-line override) is the
+    constructor argument of the transform Hydra builds."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sparse3d.cli import CONF_DIR
+
+    facts = {"spatial_size": (20, 24, 24), "ignore_index": IGNORE}  # filled in by training
+    for overrides, expected in (([], "fast"), (["augment.transforms.0.resampler=plain"], "plain")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["augment=paper", *overrides])
+        node = OmegaConf.to_container(cfg.augment.transforms[0], resolve=True)
+        assert node["resampler"] == expected
+        t = instantiate({**node, **facts})
+        assert isinstance(t, RandPaperDeformd) and t.resampler == expected
+    GlobalHydra.instance().clear()
 
 
 def test_start_key_on_volume_equals_tile_with_margin():
@@ -326,10 +451,11 @@ def test_float_and_int_images_and_non_contiguous_input():
 
 
 @pytest.mark.gpu
-def test_gpu_tensors_stay_on_gpu():
+@pytest.mark.parametrize("backend", RESAMPLERS)
+def test_gpu_tensors_stay_on_gpu(backend):
     image = torch.from_numpy(smooth_image(SHAPE)).cuda()
     label = torch.from_numpy(blob_label(SHAPE)).cuda()
-    t = deform()
+    t = deform(resampler=backend)
     t.set_random_state(0)
     out = t({"image": image, "label": label})
     assert out["image"].is_cuda and out["label"].is_cuda

@@ -130,3 +130,26 @@ def test_norm_variants_and_bad_arguments():
         UNet(1, 2, norm="group")
     with pytest.raises(ValueError):
         UNet(1, 2, padding="reflect")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_one_batch_statistics_norm_and_its_plain_fallback_agree(inplace):
+    """Test-time BN with the batch's statistics (paper Sec. 2) has one implementation, used by
+    PaperBatchNorm and by the predictor's in-place layer; its plain fallback agrees."""
+    import torch.nn.functional as F
+
+    from sparse3d.models.blocks import batch_stats_norm, plain_batch_stats_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4, 6, 3) * 3 + 1
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    want = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    for fn in (batch_stats_norm, plain_batch_stats_norm):
+        xin = x.clone()
+        y, mean, var = fn(xin, w, b, 1e-5, inplace=inplace)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3, 4)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            var, x.var(dim=(0, 2, 3, 4), unbiased=False), atol=1e-4, rtol=1e-4
+        )
+        assert (y.data_ptr() == xin.data_ptr()) == inplace

@@ -9,7 +9,13 @@ import pytest
 from matplotlib.image import imread
 
 from sparse3d.labels import XENOPUS, LabelSpec
-from sparse3d.viz import class_colors, overview_size_px, save_overview
+from sparse3d.viz import (
+    STAIN_COLORS,
+    class_colors,
+    overview_size_px,
+    save_overview,
+    stain_colors,
+)
 
 SHAPE = (10, 24, 28)
 
@@ -81,3 +87,54 @@ def test_own_classes_stand_out_from_the_background() -> None:
     nucleus, background = c[0, :3], c[1, :3]
     assert np.abs(nucleus - background).sum() > 0.8
     assert nucleus[2] < max(nucleus[0], nucleus[1])  # not a blue
+
+
+def test_stain_colors_by_name_else_by_count() -> None:
+    names = ("tomato_lectin_fluorescein", "dapi", "beta_catenin_cy3")
+    assert stain_colors(names) == tuple(STAIN_COLORS[n] for n in names)
+    assert stain_colors(("DAPI",)) == (STAIN_COLORS["dapi"],)  # case does not matter
+    assert stain_colors(names, 2) == (STAIN_COLORS[names[0]], STAIN_COLORS[names[1]])
+    # an unknown stain among them: the default tints for that many channels
+    assert stain_colors(("dapi", "mystery")) == ((0.0, 1.0, 0.0), (1.0, 0.0, 1.0))
+    assert stain_colors(None, 3) == ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    assert stain_colors(None, 1) == ((1.0, 1.0, 1.0),)
+
+
+def _dominant_channel(png_path: Path, n_blocks: int) -> int:
+    """The RGB channel (0 red, 1 green, 2 blue) strongest in most coloured pixels of the
+    picture's first (image) block."""
+    png = imread(png_path)[..., :3]
+    block = png[:, : png.shape[1] // n_blocks].reshape(-1, 3)
+    coloured = block[block.max(axis=1) - block.min(axis=1) > 0.15]
+    return int(np.bincount(coloured.argmax(axis=1), minlength=3).argmax())
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_synthetic_preview_and_overview_colour_a_stain_alike(tmp_path: Path, channel: int) -> None:
+    """The data preview (``sampleN.png``) and the training / prediction overview, which only
+    knows the stored channel names, tint each stain the same: lectin green, DAPI blue,
+    beta-catenin red-magenta."""
+    from sparse3d.data.synth import CHANNEL_NAMES, SAMPLE1, SyntheticVolume, annotated_slices_for
+    from sparse3d.data.synth.preview import save_preview
+    from sparse3d.data.volume import VolumeMeta
+
+    image, label = _data()
+    image[[c for c in range(3) if c != channel]] = 0.0  # only this stain shows
+    dense = np.where(label == 3, 2, label).astype(np.uint8)
+    meta = VolumeMeta(
+        (2.04, 1.76, 1.76), CHANNEL_NAMES, XENOPUS, annotated_slices_for(SAMPLE1, SHAPE)
+    )
+    vol = SyntheticVolume(image, dense, label, meta, SAMPLE1, {})
+    preview = save_preview(tmp_path / "preview.png", vol, "preview")
+    overview = save_overview(  # as training and prediction call it
+        tmp_path / "overview.png",
+        image,
+        None,
+        XENOPUS,
+        prediction=dense,
+        voxel_size_zyx_um=meta.voxel_size_zyx_um,
+        channel_names=meta.channel_names,
+    )
+    expected = int(np.argmax(STAIN_COLORS[CHANNEL_NAMES[channel]]))
+    assert _dominant_channel(preview, 3) == expected
+    assert _dominant_channel(overview, 2) == expected

@@ -197,10 +197,13 @@ def test_write_interrupted_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.Mo
     def boom(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("sparse3d.data.volume.os.replace", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_volume(tmp_path / "v.h5", image, label, _meta())
-    assert list(tmp_path.iterdir()) == []
+    # the rename (os.link without overwrite, os.replace with it) fails after the data is written
+    monkeypatch.setattr("sparse3d.atomic.os.link", boom)
+    monkeypatch.setattr("sparse3d.atomic.os.replace", boom)
+    for overwrite in (False, True):
+        with pytest.raises(RuntimeError, match="disk full"):
+            write_volume(tmp_path / "v.h5", image, label, _meta(), overwrite=overwrite)
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import re
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparse3d.atomic import atomic_path
 from sparse3d.labels import LabelSpec
 from sparse3d.models import UNet
-from sparse3d.models.blocks import PaperBatchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -158,26 +157,6 @@ class ModelMeta:
         )
 
 
-def unet_kwargs(net: UNet) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``net``'s architecture (for :class:`ModelMeta`)."""
-    if any(isinstance(m, PaperBatchNorm) for m in net.modules()):
-        norm = "batch"
-    elif any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in net.modules()):
-        norm = "instance"
-    else:
-        norm = "none"
-    return {
-        "in_channels": int(net.in_channels),
-        "num_classes": int(net.num_classes),
-        "base_channels": int(net.down[0][0].out_channels),
-        "depth": int(net.geometry.depth),
-        "dim": int(net.dim),
-        "padding": net.geometry.padding,
-        "norm": norm,
-        "bn_eval_stats": net.bn_eval_stats,
-    }
-
-
 def _fit_report(net: nn.Module, state: dict[str, Any]) -> str | None:
     """None if ``state`` fits ``net`` exactly, else a short description of the misfit."""
     want = net.state_dict()
@@ -205,26 +184,17 @@ def save_model(
     describe ``net``'s architecture (checked: a mismatch raises ValueError), so the file always
     loads. Without ``overwrite`` an existing ``path`` raises FileExistsError.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
+    target = atomic_path(path, overwrite)  # refuses an existing file or a missing folder now
     state = {
         k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()
     }  # plain CPU tensors (channels_last weights are stored contiguous)
     misfit = _fit_report(meta.build_net(), state)
     if misfit:
-        raise ValueError(f"{path}: meta.net does not describe the network ({misfit})")
+        raise ValueError(f"{target.path}: meta.net does not describe the network ({misfit})")
     payload = {"format": FORMAT, "version": VERSION, "meta": meta.to_dict(), "state_dict": state}
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
+    with target as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return target.path
 
 
 def _looks_like_torch_file(path: Path) -> bool:

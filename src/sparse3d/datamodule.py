@@ -12,27 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sparse3d.data.annotation import slice_mask
+from sparse3d.axes import SliceSet
+from sparse3d.data.annotation import slice_mask, sparse_label
 from sparse3d.data.dataset import SliceDataset, TileDataset
 from sparse3d.data.normalize import apply_percentiles, channel_percentiles
 from sparse3d.data.volume import load_volume
 from sparse3d.labels import LabelSpec
 
 log = logging.getLogger(__name__)
-
-SliceSet = dict[str, dict[str, list[int]]]
-
-#: Index of a placeholder evaluation item: a rank with fewer volumes than the others runs as
-#: many steps as they do, and counts nothing in them.
-PLACEHOLDER = -1
 
 
 class EpochTileSampler(DistributedSampler):
@@ -53,22 +46,6 @@ class EpochTileSampler(DistributedSampler):
             yield (epoch, i)
 
 
-class EvaluationSampler(DistributedSampler):
-    """Whole volumes for in-training validation under DDP, each counted once.
-
-    ``DistributedSampler`` pads the volumes to a multiple of the process count by repeating some,
-    which would count them twice in the pooled confusion; here rank ``r`` takes volumes
-    ``r, r + R, ...`` and fills up to the common length with :data:`PLACEHOLDER` items.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-
-    def __iter__(self):
-        mine = list(range(self.rank, len(self.dataset), self.num_replicas))
-        return iter(mine + [PLACEHOLDER] * (self.num_samples - len(mine)))
-
-
 @dataclass
 class PreparedVolume:
     """One volume in memory: normalised image ``(C, Z, Y, X)`` and labels ``(Z, Y, X)``.
@@ -85,43 +62,9 @@ class PreparedVolume:
     eval_label_all: np.ndarray | None = None
 
 
-def restrict_to_slices(
-    label: np.ndarray, slices: dict[str, Sequence[int]] | None, ignore_index: int
-) -> np.ndarray:
-    """Copy of ``label (Z, Y, X)`` with every voxel outside the given slices set to ignore."""
-    out = np.full_like(label, ignore_index)
-    if slices:
-        mask = slice_mask(label.shape, {a: tuple(v) for a, v in slices.items()})
-        out[mask] = label[mask]
-    return out
-
-
-class _WholeVolumes(Dataset):
-    def __init__(self, volumes: list[PreparedVolume]) -> None:
-        self.volumes = volumes
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i == PLACEHOLDER:
-            return {"name": "", "placeholder": True}
-        v = self.volumes[i]
-        dense = v.dense_label if v.dense_label is not None else np.zeros(1, np.uint8)
-        return {
-            "name": v.name,
-            "image": torch.from_numpy(v.image),
-            "eval_label": torch.from_numpy(v.eval_label.astype(np.int64)),
-            "eval_label_all": torch.from_numpy(
-                (v.eval_label if v.eval_label_all is None else v.eval_label_all).astype(np.int64)
-            ),
-            "dense_label": torch.from_numpy(dense.astype(np.int64)),
-            "has_dense": v.dense_label is not None,
-        }
-
-
 class SparseDataModule(L.LightningDataModule):
-    """Tiles from sparsely labelled volumes for training, whole volumes for evaluation.
+    """Tiles from sparsely labelled volumes for training; the prepared whole volumes
+    (``volumes``, with their evaluation labels) for ``sparse3d.evaluation`` after training.
 
     Args:
         volume_paths: ``{name: path}`` of HDF5 volumes (``sparse3d.data.volume`` format).
@@ -206,7 +149,7 @@ class SparseDataModule(L.LightningDataModule):
             self.percentiles[name] = pct.tolist()
             ign = self.labels.ignore_index
             train_slices = self.train_slices.get(name)
-            eval_all = restrict_to_slices(source, self.test_slices.get(name), ign)
+            eval_all = sparse_label(source, self.test_slices.get(name) or {}, ign)
             heldout = eval_all.copy()
             if train_slices:
                 trained = slice_mask(source.shape, {a: tuple(v) for a, v in train_slices.items()})
@@ -214,7 +157,7 @@ class SparseDataModule(L.LightningDataModule):
             self.volumes[name] = PreparedVolume(
                 name=name,
                 image=apply_percentiles(arr.image, pct),
-                train_label=restrict_to_slices(source, train_slices, ign),
+                train_label=sparse_label(source, train_slices or {}, ign),
                 eval_label=heldout,
                 dense_label=None if arr.dense_label is None else np.asarray(arr.dense_label),
                 eval_label_all=eval_all,
@@ -298,18 +241,3 @@ class SparseDataModule(L.LightningDataModule):
             persistent_workers=bool(self.persistent_workers) and workers > 0,
             drop_last=True,
         )
-
-    def evaluation_dataloader(self, shard: bool = False) -> DataLoader:
-        """Whole test volumes, batches of one; ``shard``: this process's share under DDP
-        (:class:`EvaluationSampler`, each volume counted once over all processes)."""
-        vols = [self.volumes[n] for n in sorted(self.test_slices)]
-        ds = _WholeVolumes(vols)
-        world, rank = self._ranks()
-        sampler = EvaluationSampler(ds, world, rank) if shard and world > 1 else None
-        return DataLoader(ds, batch_size=1, sampler=sampler, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.evaluation_dataloader(shard=True)
-
-    def volume_files(self) -> dict[str, Path]:
-        return {n: Path(p) for n, p in self.volume_paths.items()}

@@ -2,10 +2,14 @@
 
 Voxels whose reference is ``ignore_index`` are dropped before counting, whatever was predicted
 there. Counts are accumulated in a confusion matrix so IoU can be pooled over slices, tiles and
-volumes; ``ConfusionIoU`` is the torchmetrics form (synchronised across DDP processes).
+volumes; :class:`LabelledConfusion` is the torchmetrics form (summed across DDP processes), and
+:func:`iou_summary` the one summary written to ``metrics.json`` and ``densify.json``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,14 +53,45 @@ def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, tp / denom, np.nan)
 
 
-def iou_summary(cm: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
-    """``{"iou/<class>": ..., "iou/mean": ..., "labelled_voxels": ...}``; mean over defined
-    classes."""
+def iou_summary(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """The one IoU summary of a voxel set, as written to ``metrics.json`` and ``densify.json``.
+
+    ``{"iou": {class: IoU or None}, "mean": mean over defined classes or None,
+    "labelled_voxels": voxels counted, "confusion": (K, K) counts as nested lists}``; a class
+    absent from reference and prediction has IoU None (JSON null).
+    """
+    cm = np.asarray(cm)
     iou = iou_from_confusion(cm)
-    out = {f"iou/{n}": float(v) for n, v in zip(class_names, iou, strict=True)}
-    out["iou/mean"] = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-    out["labelled_voxels"] = int(np.asarray(cm).sum())
-    return out
+    defined = np.isfinite(iou)
+    return {
+        "iou": {
+            n: (float(v) if ok else None)
+            for n, v, ok in zip(class_names, iou, defined, strict=True)
+        },
+        "mean": float(np.nanmean(iou)) if defined.any() else None,
+        "labelled_voxels": int(cm.sum()),
+        "confusion": cm.astype(np.int64).tolist(),
+    }
+
+
+def summary_mean(summary: dict[str, Any] | None) -> float:
+    """Mean IoU of a summary (NaN when missing); also reads the ``"iou/mean"`` key of
+    ``densify.json`` files written before the summaries were unified."""
+    if not summary:
+        return float("nan")
+    value = summary.get("mean", summary.get("iou/mean"))
+    return float("nan") if value is None else float(value)
+
+
+def summary_class_iou(summary: dict[str, Any] | None) -> dict[str, float]:
+    """``{class: IoU}`` of a summary (NaN for undefined); reads older ``"iou/<class>"`` keys."""
+    if not summary:
+        return {}
+    if isinstance(summary.get("iou"), dict):
+        items = summary["iou"].items()
+    else:
+        items = ((k[4:], v) for k, v in summary.items() if k.startswith("iou/") and k != "iou/mean")
+    return {n: float("nan") if v is None else float(v) for n, v in items}
 
 
 class LabelledConfusion(Metric):

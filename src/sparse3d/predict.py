@@ -90,6 +90,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             batch_size=int(cfg.batch_size),
             probabilities_dtype=str(cfg.probabilities_dtype),
             progress=bool(cfg.progress),
+            memory_model=str(cfg.get("memory_model", "traced")),
         )
     except ValueError as err:
         raise UserError(str(err)) from None

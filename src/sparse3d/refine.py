@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from sparse3d.data.annotation import AXES, slice_mask
+from sparse3d.axes import AXES
+from sparse3d.data.annotation import slice_mask
 from sparse3d.rf import RandomForestSegmenter
 
 

@@ -17,14 +17,22 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from importlib import resources
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from sparse3d.atomic import atomic_path, write_text_atomic
 from sparse3d.runfolder import find_runs, read_metrics
 
-PAPER_FILE = Path(__file__).resolve().parents[2] / "experiments" / "paper_results.json"
+#: The paper's Tables 1-3, shipped inside the package (found in a wheel install too).
+PAPER_RESULTS = "paper_results.json"
 MODELS = ("unet3d_nobn", "unet3d", "unet2d")
+
+
+def paper_results() -> dict[str, Any]:
+    """The paper's numbers (Tables 1-3), read from the package's ``paper_results.json``."""
+    return json.loads(resources.files("sparse3d").joinpath(PAPER_RESULTS).read_text())
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
@@ -160,20 +168,22 @@ def _plot(curve: dict[str, dict[int, float]], paper: dict[str, Any], out: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 
 def build_report(paths: list[Path], out: Path) -> str:
-    paper = json.loads(PAPER_FILE.read_text())
+    paper = paper_results()
     runs = load_runs(paths)
     if not runs:
         raise SystemExit(
             f"error: no finished run (metrics.json) under {', '.join(map(str, paths))}"
         )
+    out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# sparse3d results", "", f"{len(runs)} finished runs. Paper: {paper['source']}.", ""]
     lines += [
         "Ours: IoU on the held-out slices, less the voxels where they cross training slices; "
@@ -207,10 +217,7 @@ def build_report(paths: list[Path], out: Path) -> str:
         "test volume",
     )
     text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(out, text)
     return text
 
 

@@ -8,30 +8,15 @@ presence marks the run as finished, which is what makes re-launched sweeps skip 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+# the one atomic writer (sparse3d.atomic); re-exported, run folders write through it
+from sparse3d.atomic import write_json_atomic as write_json_atomic
 
 METRICS = "metrics.json"
 SPLIT = "split.json"
 CONFIG = "config.yaml"
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to a temporary name beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:

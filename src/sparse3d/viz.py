@@ -37,6 +37,18 @@ XENOPUS_COLORS: dict[str, tuple[float, float, float, float]] = {
     "background": (0.2, 0.45, 1.0, 0.18),
 }
 
+#: Display tint (RGB) of each stain, by channel name: the one stain -> colour mapping of the
+#: project, used by every picture (the synthetic benchmark's previews and the overviews of
+#: training, prediction and densification). Tints follow the fluorophores' emission: the paper's
+#: channels (Sec. 3.1) are Tomato-Lectin/fluorescein green, DAPI blue, beta-catenin/Cy3
+#: red-magenta.
+STAIN_COLORS: dict[str, tuple[float, float, float]] = {
+    "tomato_lectin_fluorescein": (0.1, 1.0, 0.1),
+    "dapi": (0.25, 0.45, 1.0),
+    "beta_catenin_cy3": (1.0, 0.15, 0.6),
+}
+
+#: Tints by channel count for channels that are not all in :data:`STAIN_COLORS`.
 _DEFAULT_CHANNEL_COLORS: dict[int, tuple[tuple[float, float, float], ...]] = {
     1: ((1.0, 1.0, 1.0),),
     2: ((0.0, 1.0, 0.0), (1.0, 0.0, 1.0)),
@@ -47,6 +59,24 @@ _DEFAULT_CHANNEL_COLORS: dict[int, tuple[tuple[float, float, float], ...]] = {
 def overview_size_px(n_blocks: int) -> tuple[int, int]:
     """(width, height) in pixels of a :func:`save_overview` PNG with ``n_blocks`` blocks."""
     return int(round(BLOCK_W_IN * n_blocks * DPI)), int(round(BLOCK_H_IN * DPI))
+
+
+def stain_colors(
+    channel_names: Sequence[str] | None, n_channels: int | None = None
+) -> tuple[tuple[float, float, float], ...]:
+    """RGB tint of each of the first ``n_channels`` channels (default: all named).
+
+    When every one of those channels is a stain of :data:`STAIN_COLORS` (names compared without
+    case) its tint is used; otherwise the default tints for that many channels (one: grey;
+    two: green/magenta; three: red/green/blue).
+    """
+    names = [] if channel_names is None else [str(n).lower() for n in channel_names]
+    n = len(names) if n_channels is None else int(n_channels)
+    if 0 < n <= len(names) and all(name in STAIN_COLORS for name in names[:n]):
+        return tuple(STAIN_COLORS[name] for name in names[:n])
+    if n not in _DEFAULT_CHANNEL_COLORS:
+        raise ValueError(f"stain_colors: no default tints for {n} channels (1 to 3)")
+    return _DEFAULT_CHANNEL_COLORS[n]
 
 
 def class_colors(labels: LabelSpec) -> np.ndarray:
@@ -142,9 +172,10 @@ def save_overview(
         voxel_size_zyx_um: voxel size (z, y, x) in micrometres; panels are drawn to scale. Without
             it voxels are drawn as cubes.
         dense_label: optional (Z, Y, X) dense ground truth, shown as its own block.
-        channel_colors: RGB tint per channel; default red/green/blue by channel order (one channel:
-            grey; two: green/magenta).
-        channel_names: names for the legend of the image block.
+        channel_colors: RGB tint per channel; default :func:`stain_colors` of ``channel_names``
+            (the stain's own tint when every shown channel is a known stain, otherwise
+            red/green/blue by channel order; one channel: grey; two: green/magenta).
+        channel_names: names for the legend of the image block (and the default tints).
         percentiles: (low, high) display percentiles per channel.
         overwrite: replace an existing file (default True: pictures are cheap previews).
 
@@ -167,7 +198,7 @@ def save_overview(
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
     img = image[:3].astype(np.float32, copy=False)
     n_ch = img.shape[0]
-    colors = channel_colors or _DEFAULT_CHANNEL_COLORS[n_ch]
+    colors = channel_colors or stain_colors(channel_names, n_ch)
     if len(colors) < n_ch:
         raise ValueError(f"save_overview: {len(colors)} channel colours for {n_ch} channels")
     pos = (

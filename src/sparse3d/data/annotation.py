@@ -4,7 +4,7 @@ The paper annotates a few orthogonal xy, xz and yz slices per volume, "sampled a
 possible in all 3 dimensions", and gives every other voxel the label "unlabeled" (Sec. 3.1).
 
 A *slice dict* maps an axis name (``"z"``, ``"y"``, ``"x"``, see
-:data:`sparse3d.data.volume.AXES`) to slice indices along that axis: ``"z"`` lists xy slices,
+:data:`sparse3d.axes.AXES`) to slice indices along that axis: ``"z"`` lists xy slices,
 ``"y"`` xz slices and ``"x"`` yz slices. Missing axes mean no slices.
 """
 
@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-#: Axis names in array order (Z, Y, X); same as ``sparse3d.data.volume.AXES``.
-AXES: tuple[str, str, str] = ("z", "y", "x")
+from sparse3d.axes import AXES
 
 
 def uniform_positions(length: int, count: int) -> tuple[int, ...]:

@@ -31,12 +31,12 @@ import torch
 from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset
 
+from sparse3d.axes import AXES
+from sparse3d.crop import center_crop
 from sparse3d.data.tiles import TileSampler, extract_tile, input_start
 from sparse3d.data.transforms import RandPaperDeformd
 
 log = logging.getLogger(__name__)
-
-AXES = ("z", "y", "x")
 
 
 def _arrays(volume: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -91,18 +91,6 @@ def _own(x: Any, source: np.ndarray) -> torch.Tensor:
     if np.may_share_memory(x, source):
         x = x.copy()
     return torch.from_numpy(x)
-
-
-def _centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Centred crop of the trailing ``len(size)`` axes (offset ``(have - want) // 2``)."""
-    lead = x.ndim - len(size)
-    index = [slice(None)] * lead
-    for have, want in zip(x.shape[lead:], size, strict=True):
-        if have < want:
-            raise ValueError(f"dataset: cannot crop {tuple(x.shape)} to {tuple(size)}")
-        off = (have - want) // 2
-        index.append(slice(off, off + want))
-    return x[tuple(index)]
 
 
 class _TileSource:
@@ -174,10 +162,8 @@ class _TileSource:
         img, lab = _own(d["image"], image), _own(d["label"], label)
         if lab.ndim == len(self.output_shape) + 1 and lab.shape[0] == 1:
             lab = lab[0]
-        if tuple(img.shape[1:]) != self.input_shape:
-            img = _centre_crop(img, self.input_shape)
-        if tuple(lab.shape) != self.output_shape:
-            lab = _centre_crop(lab, self.output_shape)
+        img = center_crop(img, self.input_shape)
+        lab = center_crop(lab, self.output_shape)
         return {
             "image": img.to(torch.float32).contiguous(),
             "label": lab.to(torch.int64).contiguous(),
@@ -209,6 +195,13 @@ class _SeededTiles(Dataset):
         self.output_shape = tuple(int(v) for v in output_shape)
         if len(self.input_shape) != dims or len(self.output_shape) != dims:
             raise ValueError(f"dataset: the input and output tiles of {kind} need {dims} entries")
+        for i, o in zip(self.input_shape, self.output_shape, strict=True):
+            # valid convolutions: the output is the centred crop of the input (paper Sec. 2)
+            if i < o or (i - o) % 2:
+                raise ValueError(
+                    f"dataset: output tile {self.output_shape} is not a centred crop of the "
+                    f"input tile {self.input_shape} (input - output must be even and >= 0)"
+                )
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.epoch = 0

@@ -15,18 +15,14 @@ every voxel outside the training slices is "unlabeled" during training.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sparse3d.data.annotation import AXES, normalize_slices, uniform_positions
-
-SliceSet = dict[str, dict[str, list[int]]]
+from sparse3d.axes import AXES, SliceSet
+from sparse3d.data.annotation import normalize_slices, uniform_positions
 
 #: Table 2 setups: annotated slices per axis in the paper's (yz, xz, xy) order, i.e. counts of
 #: slices along (x, y, z).
@@ -70,7 +66,7 @@ class Split:
     """One train/test split of annotated slices.
 
     Attributes:
-        name: e.g. ``"semi_cv_fold0"``.
+        name: e.g. ``"semi_cv_fold1"``.
         train: slice set whose labels are used for training.
         test: slice set whose labels are used for evaluation (disjoint from ``train``).
         meta: JSON-serialisable details (protocol, fold, seed, setup, ...).
@@ -117,38 +113,6 @@ class Split:
         return cls(name=str(d["name"]), train=d["train"], test=d["test"], meta=dict(meta))
 
 
-def save_splits(
-    path: str | os.PathLike[str], splits: Sequence[Split], overwrite: bool = False
-) -> Path:
-    """Write splits as a JSON list atomically (temporary name, then ``os.replace``)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        tmp.write_text(json.dumps([s.to_dict() for s in splits], indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_splits(path: str | os.PathLike[str]) -> list[Split]:
-    """Read splits written by :func:`save_splits`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable splits JSON file ({err})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of splits")
-    try:
-        return [Split.from_dict(d) for d in data]
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
 def annotated_fraction(shape_zyx: Sequence[int], slices: Mapping[str, Sequence[int]]) -> float:
     """Fraction of the voxels of a (Z, Y, X) volume that lie on at least one listed slice.
 
@@ -185,7 +149,9 @@ def semi_cv_splits(
         seed: seed of the fold assignment.
 
     Returns:
-        ``k`` splits; split ``i`` tests on subset ``i`` and trains on all other slices.
+        ``k`` splits, folds numbered ``1..k`` like the config's ``fold``: split ``i`` (fold
+        ``i + 1``, named ``semi_cv_fold<i + 1>``) tests on subset ``i`` and trains on all other
+        slices.
     """
     if int(k) < 2:
         raise ValueError(f"semi_cv_splits: k must be >= 2, got {k}")
@@ -210,10 +176,10 @@ def semi_cv_splits(
         train = [it for it in items if it not in test]
         splits.append(
             Split(
-                name=f"semi_cv_fold{i}",
+                name=f"semi_cv_fold{i + 1}",
                 train=_from_items(train, volumes),
                 test=_from_items(sorted(test), volumes),
-                meta={"protocol": "semi_cv", "fold": i, "k": k, "seed": int(seed)},
+                meta={"protocol": "semi_cv", "fold": i + 1, "k": k, "seed": int(seed)},
             )
         )
     return splits
@@ -322,20 +288,21 @@ def leave_one_volume_out_splits(
     annotated: Mapping[str, Mapping[str, Sequence[int]]],
 ) -> list[Split]:
     """Train on the annotated slices of all volumes but one, test on the left-out volume's
-    annotated slices (Sec. 4.2, Table 3). One split per volume, in sorted name order."""
+    annotated slices (Sec. 4.2, Table 3). One split per volume, in sorted name order; the
+    ``fold`` in ``meta`` numbers them ``1..n`` like the config's ``fold``."""
     full = _slice_set(annotated, "leave_one_volume_out_splits")
     if len(full) < 2:
         raise ValueError(
             f"leave_one_volume_out_splits: need at least 2 volumes, got {sorted(full)}"
         )
     splits = []
-    for name in full:
+    for fold, name in enumerate(full, start=1):
         splits.append(
             Split(
                 name=f"lovo_test_{name}",
                 train={n: v for n, v in full.items() if n != name},
                 test={name: full[name]},
-                meta={"protocol": "leave_one_volume_out", "test_volume": name},
+                meta={"protocol": "leave_one_volume_out", "test_volume": name, "fold": fold},
             )
         )
     return splits

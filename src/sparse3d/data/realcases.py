@@ -421,19 +421,23 @@ def synth_folder(workdir: Path) -> Path:
 
 
 def _synth(index: int, workdir: Path | None) -> Case:
-    from sparse3d.data.synth import SAMPLES, generate_benchmark, render_sample
+    """Synthetic sample ``index``: rendered in memory, or its file in ``workdir``, generated
+    when missing and regenerated when its provenance does not match the current generator."""
+    from sparse3d.data.synth import SAMPLES, ensure_benchmark, render_sample
 
     params = SAMPLES[index - 1]
     if workdir is None:
         vol = render_sample(params, scale=SYNTH_SCALE, seed=SYNTH_SEED)
         image, truth, meta, where = vol.image, vol.dense_label, vol.meta, "rendered in memory"
     else:
-        folder = synth_folder(workdir)
-        path = folder / f"{params.name}.h5"
-        if not path.is_file():
-            generate_benchmark(
-                folder, scale=SYNTH_SCALE, seed=SYNTH_SEED, overwrite=True, previews=False
-            )
+        path = ensure_benchmark(
+            synth_folder(workdir),
+            SYNTH_SCALE,
+            SYNTH_SEED,
+            [params.name],
+            generate_if_missing=True,
+            previews=False,
+        )[params.name]
         arrays = load_volume(path)
         if arrays.dense_label is None:
             raise ValueError(f"{path}: synthetic sample without dense_label")

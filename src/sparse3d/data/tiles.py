@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from sparse3d.mirror import reflect_indices
+
 PADDING_MODES = ("reflect", "edge", "constant")
 
 
@@ -34,34 +36,19 @@ def _as_shape(value: Sequence[int], name: str, ndim: int | None = None) -> tuple
     return shape
 
 
-def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
-    """Indices ``start .. stop-1`` mirrored into ``[0, size)`` (``np.pad`` mode ``"reflect"``).
+def map_indices(start: int, stop: int, length: int, mode: str) -> np.ndarray:
+    """Source index in a volume of ``length`` for each of ``start .. stop-1`` under ``mode``.
 
-    The border voxel is not repeated (..., 2, 1, 0, 1, 2, ...) and the mirroring is periodic with
-    period ``2 * (size - 1)``, so any distance from the volume works. Returns an int64 array of
-    length ``stop - start``.
-    """
-    idx = np.arange(start, stop, dtype=np.int64)
-    if size == 1:
-        return np.zeros_like(idx)
-    period = 2 * (size - 1)
-    idx = np.mod(idx, period)
-    return np.where(idx >= size, period - idx, idx)
-
-
-def map_indices(start: int, stop: int, size: int, mode: str) -> np.ndarray:
-    """Source index for each of ``start .. stop-1`` under padding ``mode``.
-
-    ``"reflect"``: mirrored (see :func:`reflect_indices`); ``"edge"``: clamped; ``"constant"``:
-    ``-1`` marks positions outside ``[0, size)``.
+    ``"reflect"``: mirrored (:func:`sparse3d.mirror.reflect_indices`); ``"edge"``: clamped;
+    ``"constant"``: ``-1`` marks positions outside ``[0, length)``.
     """
     if mode == "reflect":
-        return reflect_indices(start, stop, size)
+        return reflect_indices(start, stop - start, length)
     idx = np.arange(start, stop, dtype=np.int64)
     if mode == "edge":
-        return np.clip(idx, 0, size - 1)
+        return np.clip(idx, 0, length - 1)
     if mode == "constant":
-        return np.where((idx >= 0) & (idx < size), idx, -1)
+        return np.where((idx >= 0) & (idx < length), idx, -1)
     raise ValueError(f"tiles: padding mode must be one of {PADDING_MODES}, got {mode!r}")
 
 

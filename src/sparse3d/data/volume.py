@@ -20,236 +20,56 @@ the xz slices and ``annotated_x`` the yz slices.
 Reading is lazy: :func:`open_volume` validates the file (structure, attributes, shapes, and a
 chunk-wise scan of label codes and image values) and returns a :class:`Volume` whose tile reads
 touch only the HDF5 chunks they need. :func:`load_volume` reads everything into memory.
+
+This module reads; :class:`VolumeMeta` and the root attributes are in
+:mod:`sparse3d.data.volume_meta`, :func:`write_volume` in :mod:`sparse3d.data.volume_write`
+(both re-exported here).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from sparse3d.labels import LabelSpec
+from sparse3d.axes import AXES
+from sparse3d.data.volume_meta import (
+    FORMAT_VERSION,
+    VolumeFormatError,
+    VolumeMeta,
+    read_meta,
+)
+from sparse3d.data.volume_meta import format_error as _fail
+from sparse3d.data.volume_write import IMAGE_CHUNKS_CZYX, LABEL_CHUNKS_ZYX, write_volume
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "AXES",
+    "FORMAT_VERSION",
+    "IMAGE_CHUNKS_CZYX",
+    "LABEL_CHUNKS_ZYX",
+    "Volume",
+    "VolumeArrays",
+    "VolumeFormatError",
+    "VolumeMeta",
+    "ZYXSlices",
+    "load_volume",
+    "open_volume",
+    "write_volume",
+]
 
-#: Spatial axis names; annotated xy slices are indexed along z, xz along y, yz along x.
-AXES: tuple[str, str, str] = ("z", "y", "x")
-
-FORMAT_VERSION = 1
-
-#: Target chunk shape of the image (C, Z, Y, X); clipped to the volume size.
-IMAGE_CHUNKS_CZYX = (1, 32, 64, 64)
-#: Target chunk shape of the label datasets (Z, Y, X); clipped to the volume size.
-LABEL_CHUNKS_ZYX = (32, 64, 64)
-_COMPRESSION = "gzip"
-_COMPRESSION_LEVEL = 4
 #: Upper bound on the bytes one validation read pulls into memory.
 _SCAN_BLOCK_BYTES = 64 * 2**20
-
-_REQUIRED_ATTRS = (
-    "voxel_size_zyx_um",
-    "channel_names",
-    "class_names",
-    "ignore_index",
-    "annotated_z",
-    "annotated_y",
-    "annotated_x",
-    "format_version",
-)
 
 ZYXSlices = tuple[slice, slice, slice]
 
 
-class VolumeFormatError(ValueError):
-    """A volume file is missing, unreadable or inconsistent; the message names file and problem."""
-
-
-@dataclass(frozen=True)
-class VolumeMeta:
-    """Everything about a volume that is not voxel data.
-
-    Args:
-        voxel_size_zyx_um: voxel size in micrometres, (z, y, x).
-        channel_names: one name per image channel.
-        labels: class names and ignore code of the label arrays.
-        annotated_slices: ``{"z": (...), "y": (...), "x": (...)}`` sorted indices of annotated
-            slices along each axis (see :data:`AXES`); missing axes are stored as empty.
-    """
-
-    voxel_size_zyx_um: tuple[float, float, float]
-    channel_names: tuple[str, ...]
-    labels: LabelSpec
-    annotated_slices: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        vs = tuple(float(v) for v in self.voxel_size_zyx_um)
-        if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-            raise ValueError(f"voxel_size_zyx_um must be 3 positive finite numbers, got {vs!r}")
-        if isinstance(self.channel_names, str):
-            raise ValueError(
-                f"channel_names must be a sequence of names, got {self.channel_names!r}"
-            )
-        names = tuple(str(n) for n in self.channel_names)
-        if not names:
-            raise ValueError("channel_names must name at least one channel")
-        if not isinstance(self.labels, LabelSpec):
-            raise ValueError(f"labels must be a LabelSpec, got {type(self.labels).__name__}")
-        unknown = set(self.annotated_slices) - set(AXES)
-        if unknown:
-            raise ValueError(f"annotated_slices has unknown axes {sorted(unknown)}; use {AXES}")
-        annotated = {
-            ax: tuple(sorted({int(i) for i in self.annotated_slices.get(ax, ())})) for ax in AXES
-        }
-        object.__setattr__(self, "voxel_size_zyx_um", vs)
-        object.__setattr__(self, "channel_names", names)
-        object.__setattr__(self, "annotated_slices", annotated)
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.channel_names)
-
-
-# --------------------------------------------------------------------------------------------
-# writing
-
-
-def _chunks(target: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(max(1, min(t, s)) for t, s in zip(target, shape, strict=True))
-
-
-def _check_arrays(
-    image: np.ndarray,
-    label: np.ndarray,
-    meta: VolumeMeta,
-    dense_label: np.ndarray | None,
-    where: str,
-) -> None:
-    """Validate in-memory arrays against ``meta``; raise ValueError naming ``where``."""
-    if image.ndim != 4:
-        raise ValueError(f"{where}: image must be 4D (C,Z,Y,X), got shape {image.shape}")
-    if label.ndim != 3:
-        raise ValueError(f"{where}: label must be 3D (Z,Y,X), got shape {label.shape}")
-    if image.shape[1:] != label.shape:
-        raise ValueError(
-            f"{where}: image spatial shape {image.shape[1:]} != label shape {label.shape}"
-        )
-    if image.shape[0] != meta.num_channels:
-        raise ValueError(
-            f"{where}: image has {image.shape[0]} channels but meta names "
-            f"{meta.num_channels} ({meta.channel_names})"
-        )
-    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
-        raise ValueError(f"{where}: image dtype {image.dtype} is not real numeric")
-    if not np.all(np.isfinite(image)):
-        raise ValueError(f"{where}: image contains NaN or Inf values")
-    spec = meta.labels
-    if not (0 <= spec.ignore_index <= 255 and spec.num_classes <= 255):
-        raise ValueError(
-            f"{where}: labels are stored as uint8; ignore_index {spec.ignore_index} and "
-            f"{spec.num_classes} classes must fit in 0..255"
-        )
-    for name, arr in (("label", label), ("dense_label", dense_label)):
-        if arr is None:
-            continue
-        if arr.shape != label.shape:
-            raise ValueError(f"{where}: {name} shape {arr.shape} != label shape {label.shape}")
-        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-            raise ValueError(f"{where}: {name} dtype {arr.dtype} is not an integer type")
-        bad = spec.invalid_codes(arr)
-        if bad:
-            raise ValueError(
-                f"{where}: {name} has codes {bad[:20]} outside classes 0..{spec.num_classes - 1} "
-                f"and ignore value {spec.ignore_index}"
-            )
-    for ax, n in zip(AXES, label.shape, strict=True):
-        idx = meta.annotated_slices[ax]
-        out = [i for i in idx if not 0 <= i < n]
-        if out:
-            raise ValueError(f"{where}: annotated_{ax} indices {out} outside 0..{n - 1}")
-
-
-def write_volume(
-    path: str | os.PathLike[str],
-    image: np.ndarray,
-    label: np.ndarray,
-    meta: VolumeMeta,
-    dense_label: np.ndarray | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write one volume file atomically (temporary name in the same folder, then ``os.replace``).
-
-    Args:
-        path: output ``.h5`` file.
-        image: (C, Z, Y, X) real array, stored as float32; must be finite.
-        label: (Z, Y, X) integer array of class codes and ``meta.labels.ignore_index``, stored uint8.
-        meta: voxel size, channel names, label vocabulary and annotated slices.
-        dense_label: optional (Z, Y, X) dense ground truth, same codes as ``label``.
-        overwrite: replace an existing file; without it an existing ``path`` raises FileExistsError.
-
-    Returns:
-        The written path.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
-    image = np.asarray(image)
-    label = np.asarray(label)
-    dense = None if dense_label is None else np.asarray(dense_label)
-    _check_arrays(image, label, meta, dense, str(path))
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
-
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            comp = {"compression": _COMPRESSION, "compression_opts": _COMPRESSION_LEVEL}
-            f.create_dataset(
-                "image",
-                data=image.astype(np.float32, copy=False),
-                chunks=_chunks(IMAGE_CHUNKS_CZYX, image.shape),
-                shuffle=True,
-                **comp,
-            )
-            label_chunks = _chunks(LABEL_CHUNKS_ZYX, label.shape)
-            f.create_dataset(
-                "label", data=label.astype(np.uint8, copy=False), chunks=label_chunks, **comp
-            )
-            if dense is not None:
-                f.create_dataset(
-                    "dense_label",
-                    data=dense.astype(np.uint8, copy=False),
-                    chunks=label_chunks,
-                    **comp,
-                )
-            str_dt = h5py.string_dtype()
-            f.attrs["voxel_size_zyx_um"] = np.asarray(meta.voxel_size_zyx_um, dtype=np.float64)
-            f.attrs["channel_names"] = np.asarray(meta.channel_names, dtype=str_dt)
-            f.attrs["class_names"] = np.asarray(meta.labels.class_names, dtype=str_dt)
-            f.attrs["ignore_index"] = np.int64(meta.labels.ignore_index)
-            for ax in AXES:
-                f.attrs[f"annotated_{ax}"] = np.asarray(meta.annotated_slices[ax], dtype=np.int64)
-            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("wrote volume %s: image %s, label %s", path, image.shape, label.shape)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # reading
-
-
-def _fail(path: Path, problem: str) -> VolumeFormatError:
-    return VolumeFormatError(f"{path}: {problem}")
 
 
 def _scan_blocks(ds: h5py.Dataset) -> Iterator[np.ndarray]:
@@ -266,42 +86,6 @@ def _scan_blocks(ds: h5py.Dataset) -> Iterator[np.ndarray]:
         for z0 in range(0, shape[lead], step):
             sl = slice(z0, min(z0 + step, shape[lead]))
             yield ds[c, sl] if lead else ds[sl]
-
-
-def _str_tuple(value: Any) -> tuple[str, ...]:
-    arr = np.atleast_1d(np.asarray(value))
-    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in arr.tolist())
-
-
-def _read_meta(path: Path, f: h5py.File) -> VolumeMeta:
-    attrs = f.attrs
-    missing = [a for a in _REQUIRED_ATTRS if a not in attrs]
-    if missing:
-        raise _fail(path, f"missing root attribute(s) {missing}")
-    try:
-        version = int(np.asarray(attrs["format_version"]).item())
-    except (TypeError, ValueError) as err:
-        raise _fail(path, f"format_version is not an integer ({err})") from None
-    if version != FORMAT_VERSION:
-        raise _fail(path, f"format_version {version} is not supported (expected {FORMAT_VERSION})")
-    try:
-        voxel = tuple(float(v) for v in np.asarray(attrs["voxel_size_zyx_um"]).ravel())
-        ignore = int(np.asarray(attrs["ignore_index"]).item())
-        annotated: dict[str, tuple[int, ...]] = {}
-        for ax in AXES:
-            raw = np.asarray(attrs[f"annotated_{ax}"]).ravel()
-            if raw.size and not np.issubdtype(raw.dtype, np.integer):
-                raise ValueError(f"annotated_{ax} has non-integer dtype {raw.dtype}")
-            annotated[ax] = tuple(int(i) for i in raw)
-        labels = LabelSpec(class_names=_str_tuple(attrs["class_names"]), ignore_index=ignore)
-        return VolumeMeta(
-            voxel_size_zyx_um=voxel,  # type: ignore[arg-type]
-            channel_names=_str_tuple(attrs["channel_names"]),
-            labels=labels,
-            annotated_slices=annotated,
-        )
-    except (TypeError, ValueError) as err:
-        raise _fail(path, f"invalid attributes: {err}") from None
 
 
 def _validate(path: Path, f: h5py.File, meta: VolumeMeta, scan_values: bool) -> None:
@@ -389,7 +173,7 @@ class Volume:
         self.path = Path(path)
         f = _open_h5(self.path)
         try:
-            self.meta = _read_meta(self.path, f)
+            self.meta = read_meta(self.path, f)
             _validate(self.path, f, self.meta, scan_values)
         except VolumeFormatError:
             f.close()

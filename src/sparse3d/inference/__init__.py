@@ -3,13 +3,12 @@ Sec. 1.1, 2), blended tiles for same-padded ones, test-time batch normalisation 
 tile size from a memory budget, streaming of volumes larger than memory.
 
 Main entry: :class:`Predictor`. Modules: ``tiling`` (layouts, mirror padding), ``memory``
-(activation memory / compute estimate, layout choice), ``forward`` (memory-lean U-Net pass),
-``bn`` (test-time batch normalisation), ``precision``, ``writers`` (result files), ``compare``.
+(activation memory / compute estimate, layout choice), ``bn`` (test-time batch normalisation),
+``precision``, ``writers`` (result files), ``compare``. Passes run the network's own forward.
 """
 
 from sparse3d.inference.bn import BN_MODES, fuse_batchnorm, recalibrate_bn
 from sparse3d.inference.compare import bn_mode_iou
-from sparse3d.inference.forward import lean_forward
 from sparse3d.inference.memory import NetProfile, choose_plan
 from sparse3d.inference.predictor import PredictionInputError, PredictionReport, Predictor
 from sparse3d.inference.tiling import TilePlan, reflect_indices
@@ -24,7 +23,6 @@ __all__ = [
     "bn_mode_iou",
     "choose_plan",
     "fuse_batchnorm",
-    "lean_forward",
     "recalibrate_bn",
     "reflect_indices",
 ]

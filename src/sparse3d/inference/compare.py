@@ -36,7 +36,7 @@ def bn_mode_iou(
             tiling, ``precision``).
 
     Returns:
-        ``{mode: {"iou/<class>": ..., "iou/mean": ..., "labelled_voxels": ..., "tiles": ...},
+        ``{mode: {"iou": {class: ...}, "mean": ..., "labelled_voxels": ..., "tiles": ...},
         "disagreement": {"<a> vs <b>": fraction of voxels labelled differently}}``.
     """
     out: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Activation memory and compute of a prediction pass as functions of the tile shape.
 
 The estimate comes from the network itself, not from a formula per architecture: the prediction
-forward (:func:`~sparse3d.inference.forward.lean_forward`, normalisation folded or in place) is run
+forward (``UNet.forward``, written for low peak memory; normalisation folded or in place) is run
 on the meta device (shapes only, no memory) under a dispatch mode that records every tensor the
 pass allocates and when Python frees it. Two such traces at two legal tile sizes give, for every
 tensor, its channel count and the affine map ``size = (n + beta) / gamma`` from tile size to its
@@ -19,6 +19,7 @@ Both are evaluated vectorised for thousands of candidate layouts at once by :fun
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -26,12 +27,11 @@ import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparse3d.inference.forward import SkipShapes, lean_forward, meta_copy
 from sparse3d.inference.tiling import AxisPlan, TilePlan, same_axis_plan, valid_axis_plan
 from sparse3d.models import UNet
 
@@ -50,48 +50,66 @@ MAX_TENSOR_ELEMENTS = 2**31 - 1
 # tracing
 
 
-class _Tracer(TorchDispatchMode):
-    """Records allocations, frees and convolutions of a pass on the meta device."""
+_TRACER: type | None = None
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple] = []  # ("a", tid, shape, itemsize) | ("f", tid)
-        self.convs: list[tuple[int, float]] = []  # (tid of reference tensor, MACs per element)
-        self._ids: dict[int, int] = {}
-        self._next = itertools.count()
 
-    def _free(self, tid: int, key: int) -> None:
-        self.events.append(("f", tid))
-        self._ids.pop(key, None)
+def _tracer() -> Any:
+    """A recorder of allocations, frees and convolutions of a pass on the meta device.
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, val in zip(func._schema.returns, outs, strict=False):
-            if isinstance(val, torch.Tensor) and ret.alias_info is None:
-                tid = next(self._next)
-                self.events.append(("a", tid, tuple(val.shape), val.element_size()))
-                self._ids[id(val)] = tid
-                weakref.finalize(val, self._free, tid, id(val))
-        if func is torch.ops.aten.convolution.default:
-            inp, weight, transposed = args[0], args[1], args[6]
-            if transposed:  # each input element meets C_out/groups x kernel weights
-                ref = self._ids.get(id(inp))
-                per = weight.numel() / weight.shape[0]
-            else:
-                ref = self._ids.get(id(outs[0]))
-                per = weight.numel() / weight.shape[0]
-            if ref is not None:
-                self.convs.append((ref, float(per)))
-        return out
+    Built on torch's dispatch-mode hook (``torch.utils._python_dispatch``, a private module):
+    if a torch release moves it, this raises and :func:`net_profile` falls back to
+    :class:`~sparse3d.inference.plain_profile.PlainProfile`."""
+    global _TRACER
+    if _TRACER is None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Tracer(TorchDispatchMode):
+            """Records allocations, frees and convolutions of a pass on the meta device."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.events: list[tuple] = []  # ("a", tid, shape, itemsize) | ("f", tid)
+                self.convs: list[
+                    tuple[int, float]
+                ] = []  # (tid of reference tensor, MACs per element)
+                self._ids: dict[int, int] = {}
+                self._next = itertools.count()
+
+            def _free(self, tid: int, key: int) -> None:
+                self.events.append(("f", tid))
+                self._ids.pop(key, None)
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for ret, val in zip(func._schema.returns, outs, strict=False):
+                    if isinstance(val, torch.Tensor) and ret.alias_info is None:
+                        tid = next(self._next)
+                        self.events.append(("a", tid, tuple(val.shape), val.element_size()))
+                        self._ids[id(val)] = tid
+                        weakref.finalize(val, self._free, tid, id(val))
+                if func is torch.ops.aten.convolution.default:
+                    inp, weight, transposed = args[0], args[1], args[6]
+                    if transposed:  # each input element meets C_out/groups x kernel weights
+                        ref = self._ids.get(id(inp))
+                        per = weight.numel() / weight.shape[0]
+                    else:
+                        ref = self._ids.get(id(outs[0]))
+                        per = weight.numel() / weight.shape[0]
+                    if ref is not None:
+                        self.convs.append((ref, float(per)))
+                return out
+
+        _TRACER = _Tracer
+    return _TRACER()
 
 
 def count_macs(module: torch.nn.Module, input_shape: Sequence[int]) -> float:
     """Multiply-accumulates of the convolutions of one ``module(x)`` with ``x`` of shape
     ``input_shape`` (``(B, C, *spatial)``), counted on the meta device (any network)."""
     meta = meta_copy(module).eval()
-    tracer = _Tracer()
+    tracer = _tracer()
     with torch.no_grad(), tracer:
         x = torch.empty(tuple(input_shape), device="meta")
         meta(x)
@@ -99,12 +117,16 @@ def count_macs(module: torch.nn.Module, input_shape: Sequence[int]) -> float:
     return float(sum(math.prod(shapes[tid]) * per for tid, per in tracer.convs))
 
 
-def _trace(meta_net: UNet, spatial: tuple[int, ...], skip_shapes: SkipShapes):
-    shapes = skip_shapes(spatial)
-    tracer = _Tracer()
+def meta_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` on the meta device (shapes only, no memory, no compute)."""
+    return copy.deepcopy(net).to("meta")
+
+
+def _trace(meta_net: UNet, spatial: tuple[int, ...]):
+    tracer = _tracer()
     with torch.no_grad(), tracer:
         x = torch.empty((1, meta_net.in_channels, *spatial), device="meta")
-        y = lean_forward(meta_net, x, shapes)
+        y = meta_net(x)
         del x, y
     return tracer
 
@@ -141,12 +163,11 @@ class NetProfile:
         self.num_classes = net.num_classes
         self.geometry = net.geometry
         self._meta = _normalise_for_profile(net)
-        self.skip_shapes = SkipShapes(net)
         legal = [n for n in range(1, 4096) if self.geometry.is_legal(n)]
         n1 = legal[min(2, len(legal) - 1)]
         n2 = legal[min(6, len(legal) - 1)]
-        t1 = _trace(self._meta, (n1,) * 3, self.skip_shapes)
-        t2 = _trace(self._meta, (n2,) * 3, self.skip_shapes)
+        t1 = _trace(self._meta, (n1,) * 3)
+        t2 = _trace(self._meta, (n2,) * 3)
         if [e[0] for e in t1.events] != [e[0] for e in t2.events]:
             raise RuntimeError("the prediction pass differs between tile sizes; cannot profile")
         self._events = t1.events
@@ -247,6 +268,34 @@ class NetProfile:
                     term = term * (sums[a] + counts[a] * m.beta[a]) / m.gamma[a]
             total = total + term
         return total
+
+
+MEMORY_MODELS = ("traced", "plain")
+
+
+def net_profile(net: UNet, model: str = "traced"):
+    """The memory and compute model of ``net``'s prediction passes.
+
+    ``"traced"``: :class:`NetProfile` (the real pass traced on the meta device; exact, the
+    largest tiles). ``"plain"``: :class:`~sparse3d.inference.plain_profile.PlainProfile` (from
+    the channel counts; conservative, no torch internals). A traced model that cannot be built
+    (a torch release without the hook it uses) falls back to the plain one with a warning."""
+    from sparse3d.inference.plain_profile import PlainProfile
+
+    if model not in MEMORY_MODELS:
+        raise ValueError(f"memory_model must be one of {MEMORY_MODELS}, got {model!r}")
+    if model == "plain":
+        return PlainProfile(net)
+    try:
+        return NetProfile(net)
+    except Exception as err:  # noqa: BLE001 - any failure of the tracer means: use the fallback
+        logger.warning(
+            "tracing the network's memory failed (%s: %s); using the plain memory model "
+            "(memory_model=plain)",
+            type(err).__name__,
+            err,
+        )
+        return PlainProfile(net)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,18 +14,17 @@ or stored in a volume file (:meth:`Predictor.predict_file`), tile by tile:
    ``"recalibrate"`` (default) estimates the statistics of the volume in one extra pass and fixes
    them, ``"batch"`` is the paper's per-tile statistics, ``"running"`` the training statistics;
 5. passes run under ``torch.inference_mode`` with channels-last memory layout, bf16 autocast where
-   the hardware supports it natively, and a memory-lean forward (``forward.lean_forward``).
+   the hardware supports it natively, through the network's own (memory-lean) forward.
 
 Volumes larger than the memory budget are streamed: tiles are read from the HDF5 file and results
-written into a chunked HDF5 output as they come.
+written into a chunked HDF5 output as they come (``sparse3d.inference.file_prediction``). Tile
+logits go to the sinks of ``sparse3d.inference.sinks``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,15 +37,13 @@ from tqdm.auto import tqdm
 
 from sparse3d.data.normalize import apply_percentiles, channel_percentiles
 from sparse3d.inference.bn import BN_MODES, has_batchnorm, prepare_for_inference, recalibrate_bn
-from sparse3d.inference.forward import SkipShapes, lean_forward
 from sparse3d.inference.memory import (
     MAX_TENSOR_ELEMENTS,
-    NetProfile,
     PlanChoice,
     choose_plan,
     default_memory_budget,
     format_bytes,
-    needs_streaming,
+    net_profile,
 )
 from sparse3d.inference.precision import (
     autocast_context,
@@ -54,6 +51,7 @@ from sparse3d.inference.precision import (
     resolve_device,
     resolve_precision,
 )
+from sparse3d.inference.sinks import Stores, make_sink
 from sparse3d.inference.tiling import Tile, TilePlan, read_mirrored
 from sparse3d.models import UNet
 
@@ -91,63 +89,6 @@ class PredictionReport:
         return dict(self.__dict__)
 
 
-class _Stores:
-    """Where results go: numpy arrays or HDF5 datasets (both take slice assignment)."""
-
-    def __init__(self, labels, probabilities=None, logits=None) -> None:
-        self.labels = labels
-        self.probabilities = probabilities
-        self.logits = logits
-
-    def put(self, region: tuple[slice, slice, slice], logits: torch.Tensor) -> None:
-        """``logits (K, z, y, x)`` float32 of ``region``."""
-        if self.labels is not None:
-            self.labels[region] = logits.argmax(0).to(torch.uint8).numpy()
-        if self.probabilities is not None:
-            p = torch.softmax(logits, 0).numpy()
-            self.probabilities[(slice(None), *region)] = p.astype(self.probabilities.dtype)
-        if self.logits is not None:
-            self.logits[(slice(None), *region)] = logits.numpy()
-
-
-class _DirectSink:
-    """Valid-convolution tiles: each voxel is written once."""
-
-    def __init__(self, stores: _Stores) -> None:
-        self.stores = stores
-
-    def add(self, tile: Tile, logits: torch.Tensor) -> None:
-        self.stores.put(tile.out_slices, logits[(slice(None), *tile.crop_slices)])
-
-    def finish(self) -> None:
-        pass
-
-
-class _BlendSink:
-    """Same-padded tiles: weighted sum of logits and of weights, normalised at the end."""
-
-    def __init__(self, stores: _Stores, acc, wsum, shape_zyx: tuple[int, int, int]) -> None:
-        self.stores, self.acc, self.wsum, self.shape = stores, acc, wsum, shape_zyx
-
-    def add(self, tile: Tile, logits: torch.Tensor) -> None:
-        region = tile.out_slices
-        w = tile.weight()
-        part = logits[(slice(None), *tile.crop_slices)].numpy() * w[None]
-        self.acc[(slice(None), *region)] = self.acc[(slice(None), *region)] + part
-        self.wsum[region] = self.wsum[region] + w
-
-    def finish(self) -> None:
-        z = self.shape[0]
-        step = max(1, min(z, 16))
-        for z0 in range(0, z, step):
-            region = (slice(z0, min(z, z0 + step)), slice(None), slice(None))
-            w = np.asarray(self.wsum[region])
-            if (w <= 0).any():
-                raise RuntimeError("blending left voxels without any tile")
-            logits = np.asarray(self.acc[(slice(None), *region)]) / w[None]
-            self.stores.put(region, torch.from_numpy(logits.astype(np.float32)))
-
-
 class Predictor:
     """Dense prediction of whole volumes with a trained U-Net.
 
@@ -171,6 +112,10 @@ class Predictor:
         overlap: overlap fraction of neighbouring tiles for same-padded networks.
         probabilities_dtype: dtype of stored probabilities (``"float16"`` or ``"float32"``).
         progress: show tqdm progress bars.
+        memory_model: how tile memory is estimated: ``"traced"`` (the real pass traced on the
+            meta device through a torch hook; exact) or ``"plain"`` (from the channel counts;
+            conservative, smaller tiles); see ``memory.net_profile``. An explicit ``tile_zyx``
+            needs neither to be right.
 
     On CPU the constructor sets ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for large
     tensors, see ``precision.enable_cpu_huge_pages``) unless the variable is already set; set it to
@@ -191,6 +136,7 @@ class Predictor:
         overlap: float = 0.25,
         probabilities_dtype: str = "float16",
         progress: bool = True,
+        memory_model: str = "traced",
     ) -> None:
         if not isinstance(net, UNet) or net.dim != 3:
             raise ValueError(
@@ -223,8 +169,7 @@ class Predictor:
         self.probabilities_dtype = probabilities_dtype
         self.progress = progress
         self.net = copy.deepcopy(net).to(self.device).eval()
-        self.profile = NetProfile(self.net)
-        self.skip_shapes = SkipShapes(self.net)
+        self.profile = net_profile(self.net, memory_model)
         self.last_report: PredictionReport | None = None
         if (
             meta is not None
@@ -314,7 +259,7 @@ class Predictor:
         return t.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
 
     def _forward(self, net: UNet, x: torch.Tensor) -> torch.Tensor:
-        return lean_forward(net, x, self.skip_shapes(tuple(x.shape[2:])))
+        return net(x)
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="tile", disable=not self.progress, leave=False)
@@ -428,14 +373,9 @@ class Predictor:
             seconds=time.perf_counter() - t0,
         )
 
-    def _sink(self, stores: _Stores, shape_zyx, acc=None, wsum=None):
-        if self.net.geometry.padding == "valid":
-            return _DirectSink(stores)
-        k = self.net.num_classes
-        if acc is None:
-            acc = np.zeros((k, *shape_zyx), dtype=np.float32)
-            wsum = np.zeros(shape_zyx, dtype=np.float32)
-        return _BlendSink(stores, acc, wsum, tuple(shape_zyx))
+    def _sink(self, stores: Stores, shape_zyx, acc=None, wsum=None):
+        padding, k = self.net.geometry.padding, self.net.num_classes
+        return make_sink(stores, padding, k, shape_zyx, acc, wsum)
 
     # -- in memory -----------------------------------------------------------------------------
     def predict_array(
@@ -461,20 +401,9 @@ class Predictor:
             else None
         )
         pct = self._percentiles(image) if normalize else None
-        sink = self._sink(_Stores(labels, probs), shape)
+        sink = self._sink(Stores(labels, probs), shape)
         self._run(self._array_reader(image), shape, sink, pct, "array", streamed=False)
         return labels, probs
-
-    def predict_logits(self, image: np.ndarray, normalize: bool = True) -> np.ndarray:
-        """``image (C, Z, Y, X)`` -> logits ``(K, Z, Y, X)`` float32 (blended for same-padded
-        networks)."""
-        image = self._check_image(image)
-        shape = tuple(image.shape[1:])
-        logits = np.zeros((self.net.num_classes, *shape), dtype=np.float32)
-        pct = self._percentiles(image) if normalize else None
-        sink = self._sink(_Stores(None, None, logits), shape)
-        self._run(self._array_reader(image), shape, sink, pct, "array", streamed=False)
-        return logits
 
     def _check_image(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -516,146 +445,16 @@ class Predictor:
         Returns:
             The :class:`PredictionReport` (also ``self.last_report``).
         """
-        from sparse3d.data.volume import VolumeFormatError, open_volume
-        from sparse3d.inference.writers import ResultFile, check_output, write_overview, write_tiff
+        from sparse3d.inference.file_prediction import predict_file
 
-        out = check_output(output_path, overwrite)
-        tiff_path = check_output(tiff, overwrite)
-        png_path = check_output(overview_png, overwrite)
-        try:
-            vol = open_volume(input_path, scan_values=False)
-        except VolumeFormatError as err:
-            raise PredictionInputError(str(err)) from None
-        with vol:
-            where = str(vol.path)
-            self._check_channels(vol.num_channels, where)
-            if self.meta is not None and tuple(vol.meta.channel_names) != tuple(
-                self.meta.channel_names
-            ):
-                logger.warning(
-                    "%s: channel names %s differ from the model's %s (order is what counts)",
-                    where,
-                    vol.meta.channel_names,
-                    self.meta.channel_names,
-                )
-            self._warn_voxel_size(vol.meta.voxel_size_zyx_um, where)
-            shape = vol.shape_zyx
-            k = self.net.num_classes
-            prob_dtype = self.probabilities_dtype if save_probabilities else None
-            if stream is None:
-                stream = self._needs_streaming(vol.num_channels, shape, save_probabilities)
-            pct = self._percentiles(vol.image)
-            labels_spec = _label_spec(self.meta, k)
-            meta_attrs = {
-                "class_names": list(labels_spec.class_names),
-                "channel_names": list(vol.meta.channel_names),
-                "voxel_size_zyx_um": list(vol.meta.voxel_size_zyx_um),
-                "source": where,
-                "bn_mode": self.bn_mode,
-                "precision": self.precision,
-                **(attrs or {}),
-            }
-            result = ResultFile(out, shape, k, prob_dtype, meta_attrs)
-            try:
-                if stream:
-                    stores = _Stores(result.labels, result.probabilities)
-                    with _scratch(out, k, shape, self.net.geometry.padding != "valid") as acc:
-                        sink = self._sink(stores, shape, *acc)
-                        self._run(vol.read_image, shape, sink, pct, where, streamed=True)
-                    labels_src, image_src = result.labels, vol.image
-                else:
-                    image = vol.read_image((slice(None),) * 3)
-                    labels = np.zeros(shape, dtype=np.uint8)
-                    probs = np.zeros((k, *shape), dtype=prob_dtype) if prob_dtype else None
-                    sink = self._sink(_Stores(labels, probs), shape)
-                    self._run(self._array_reader(image), shape, sink, pct, where, streamed=False)
-                    result.labels[...] = labels
-                    if probs is not None:
-                        result.probabilities[...] = probs
-                    labels_src, image_src = labels, image
-                report = self.last_report
-                assert report is not None
-                result._file.attrs["tile_zyx"] = list(report.tile_zyx)
-                result._file.attrs["bn_mode"] = report.bn_mode
-                if tiff_path is not None:
-                    write_tiff(tiff_path, labels_src, vol.meta.voxel_size_zyx_um, overwrite)
-                    report.outputs["tiff"] = str(tiff_path)
-                if png_path is not None:
-                    write_overview(
-                        png_path,
-                        image_src,
-                        labels_src,
-                        labels_spec,
-                        title=f"{Path(where).name}: prediction",
-                        voxel_size_zyx_um=vol.meta.voxel_size_zyx_um,
-                        channel_names=tuple(vol.meta.channel_names),
-                        overwrite=overwrite,
-                    )
-                    report.outputs["overview"] = str(png_path)
-                result.commit()
-            except BaseException:
-                result.abort()
-                raise
-        report.outputs["labels"] = str(out)
-        return report
-
-    def _needs_streaming(self, channels: int, shape, probabilities: bool) -> bool:
-        n = math.prod(shape)
-        k = self.net.num_classes
-        held = n * (4 * channels + 1)  # image float32 + labels uint8
-        if probabilities:
-            held += n * k * np.dtype(self.probabilities_dtype).itemsize
-        if self.net.geometry.padding != "valid":
-            held += n * 4 * (k + 1)  # blending accumulators
-        tile = self.plan(shape).plan.tile_zyx
-        return needs_streaming(
-            held,
-            float(self.profile.peak_bytes(tile, self.bytes_per_value)),
-            float(self.profile.host_bytes(tile)) * self.batch_size,
-            self.device,
-            self.host_budget_bytes(),
+        return predict_file(
+            self,
+            input_path,
+            output_path,
+            save_probabilities=save_probabilities,
+            tiff=tiff,
+            overview_png=overview_png,
+            overwrite=overwrite,
+            stream=stream,
+            attrs=attrs,
         )
-
-    def _warn_voxel_size(self, voxel_size, where: str) -> None:
-        want = None if self.meta is None else self.meta.voxel_size_zyx_um
-        if want is None:
-            return
-        ratio = [a / b for a, b in zip(voxel_size, want, strict=True)]
-        if any(abs(r - 1) > 0.1 for r in ratio):
-            logger.warning(
-                "%s: voxel size %s um differs from the training data's %s um; consider resampling",
-                where,
-                tuple(voxel_size),
-                tuple(want),
-            )
-
-
-@contextlib.contextmanager
-def _scratch(next_to: Path, k: int, shape, needed: bool):
-    """(acc, wsum) blending accumulators in a temporary HDF5 file beside the output, or
-    (None, None) when not ``needed``; the file is deleted afterwards."""
-    if not needed:
-        yield None, None
-        return
-    import h5py
-
-    from sparse3d.inference.writers import temp_name
-
-    path = temp_name(next_to)
-    try:
-        with h5py.File(path, "w", rdcc_nbytes=256 * 2**20) as f:
-            chunks = (1, min(shape[0], 32), min(shape[1], 128), min(shape[2], 128))
-            acc = f.create_dataset("acc", (k, *shape), np.float32, chunks=chunks, fillvalue=0)
-            wsum = f.create_dataset("wsum", shape, np.float32, chunks=chunks[1:], fillvalue=0)
-            yield acc, wsum
-    finally:
-        if path.exists():
-            path.unlink()
-
-
-def _label_spec(meta, num_classes: int):
-    from sparse3d.labels import LabelSpec
-
-    if meta is not None:
-        return meta.labels
-    return LabelSpec(tuple(f"class{i}" for i in range(num_classes)), num_classes)

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the one mirror-index helper; also imported from here (sparse3d.evaluation)
+from sparse3d.mirror import reflect_indices as reflect_indices
+
 ZYX = tuple[int, int, int]
 
 
@@ -138,21 +141,6 @@ class TilePlan:
 # mirror padding
 
 
-def reflect_indices(start: int, size: int, length: int) -> np.ndarray:
-    """Indices ``start .. start + size - 1`` mirrored into ``0 .. length - 1``.
-
-    Mirroring without repeating the border voxel (numpy's ``"reflect"``), periodically for
-    windows that reach beyond one reflection: index ``-1`` maps to ``1``, ``length`` to
-    ``length - 2``.
-    """
-    idx = np.arange(start, start + size)
-    if length == 1:
-        return np.zeros(size, dtype=np.int64)
-    period = 2 * (length - 1)
-    r = np.mod(idx, period)
-    return np.where(r < length, r, period - r).astype(np.int64)
-
-
 def read_mirrored(
     read: Callable[[tuple[slice, slice, slice]], np.ndarray],
     shape_zyx: Sequence[int],
@@ -162,7 +150,8 @@ def read_mirrored(
     """Read the window ``start .. start + size`` of a volume, mirrored at its borders.
 
     ``read(zyx_slices) -> (C, z, y, x)`` reads an in-bounds box (a numpy view or an HDF5 read);
-    only the bounding box of the needed voxels is read. Returns ``(C, *size_zyx)``.
+    only the bounding box of the needed voxels is read (mirror indices:
+    :func:`sparse3d.mirror.reflect_indices`). Returns ``(C, *size_zyx)``.
     """
     idx = [reflect_indices(s, n, L) for s, n, L in zip(start_zyx, size_zyx, shape_zyx, strict=True)]
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)

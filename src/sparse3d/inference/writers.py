@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from sparse3d.atomic import atomic_path
+from sparse3d.atomic import temp_name as temp_name  # re-exported (the predictor's scratch file)
 from sparse3d.labels import LabelSpec
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,6 @@ PROBABILITIES = "probabilities"
 CHUNK_CACHE_BYTES = 256 * 2**20
 #: Voxels of the volume shown in an overview at most (larger volumes are subsampled).
 OVERVIEW_MAX_VOXELS = 48_000_000
-
-
-def temp_name(path: Path) -> Path:
-    """A temporary name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
 def check_output(path: str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
@@ -77,7 +73,22 @@ class ResultFile:
         attrs: Mapping[str, Any],
     ) -> None:
         self.path = path
-        self.tmp = temp_name(path)
+        self._target = atomic_path(path)
+        self.tmp = self._target.tmp
+        self._file: h5py.File | None = None
+        try:
+            self._open(shape_zyx, num_classes, probabilities_dtype, attrs)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(
+        self,
+        shape_zyx: tuple[int, int, int],
+        num_classes: int,
+        probabilities_dtype: str | None,
+        attrs: Mapping[str, Any],
+    ) -> None:
         self._file = h5py.File(self.tmp, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
         comp = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
         self.labels = self._file.create_dataset(
@@ -109,16 +120,21 @@ class ResultFile:
                 self._file.attrs[key] = value
 
     def commit(self) -> Path:
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
+        """Close the file and rename it onto ``path``."""
         try:
             self._file.close()
+        except BaseException:
+            self._target.abort()
+            raise
+        return self._target.commit()
+
+    def abort(self) -> None:
+        """Close and remove the temporary file; ``path`` is untouched."""
+        try:
+            if self._file is not None:
+                self._file.close()
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self._target.abort()
 
 
 def iter_slabs(length: int, step: int) -> Iterator[slice]:
@@ -149,13 +165,8 @@ def write_tiff(
             block = np.asarray(labels[sl], dtype=np.uint8)
             yield from block
 
-    tmp = temp_name(path)
-    try:
+    with atomic_path(path, overwrite) as tmp:
         tifffile.imwrite(tmp, frames(), shape=(z, y, x), dtype=np.uint8, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -6,14 +6,84 @@ Everything works in 2D and 3D (``dim`` in {2, 3}). Shapes: ``(B, C, *spatial)``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sparse3d.crop import center_crop
-
 NORMS = ("batch", "instance", "none")
 BN_EVAL_STATS = ("batch", "running")
+
+
+#: Channels converted to float32 at a time when reducing a low-precision activation.
+_CHANNEL_CHUNK = 8
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased variance) of ``x (B, C, *s)`` in float32."""
+    dims = [0, *range(2, x.dim())]
+    if x.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        return mean.float(), var.float()
+    means, variances = [], []
+    for c0 in range(0, x.shape[1], _CHANNEL_CHUNK):
+        var, mean = torch.var_mean(x[:, c0 : c0 + _CHANNEL_CHUNK].float(), dim=dims, correction=0)
+        means.append(mean)
+        variances.append(var)
+    return torch.cat(means), torch.cat(variances)
+
+
+def batch_stats_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one test-time normalisation with the current batch's statistics (paper Sec. 2):
+    ``x (B, C, *s)`` -> ``(normalised x, mean (C,), biased variance (C,))``.
+
+    Training-mode batch-norm arithmetic (ATen's kernel), without touching running statistics.
+    ``inplace`` writes the result over ``x`` (prediction passes: no second activation; the
+    statistics are complete before any element is written). Where the kernel is missing for
+    a dtype or backend, the same arithmetic in plain tensor operations."""
+    c = x.shape[1]
+    try:
+        if inplace:
+            mean = torch.empty(c, device=x.device, dtype=torch.float32)
+            invstd = torch.empty(c, device=x.device, dtype=torch.float32)
+            torch.ops.aten.native_batch_norm.out(
+                x, weight, bias, None, None, True, 0.0, eps,
+                out=x, save_mean=mean, save_invstd=invstd,
+            )  # fmt: skip
+            y = x
+        else:
+            y, mean, invstd = torch.ops.aten.native_batch_norm(
+                x, weight, bias, None, None, True, 0.0, eps
+            )
+        var = invstd.double().pow(-2).sub(eps).clamp_min(0.0).float()
+        return y, mean.float(), var
+    except (RuntimeError, NotImplementedError):
+        return plain_batch_stats_norm(x, weight, bias, eps, inplace)
+
+
+def plain_batch_stats_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_stats_norm` in plain tensor operations (any dtype and backend)."""
+    mean, var = channel_moments(x)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    scale, shift = scale.to(x.dtype).view(view), shift.to(x.dtype).view(view)
+    y = x.mul_(scale).add_(shift) if inplace else x * scale + shift
+    return y, mean, var
 
 
 class PaperBatchNorm(_BatchNorm):
@@ -45,7 +115,7 @@ class PaperBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training and self.eval_stats == "batch":
-            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return batch_stats_norm(input, self.weight, self.bias, self.eps)[0]
         return super().forward(input)
 
 
@@ -67,7 +137,7 @@ class PaperSyncBatchNorm(nn.SyncBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training and self.eval_stats == "batch":
-            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return batch_stats_norm(input, self.weight, self.bias, self.eps)[0]
         return super().forward(input)
 
 
@@ -171,7 +241,8 @@ class Up(nn.Module):
     """Synthesis step: ``2^dim`` stride-2 up-convolution keeping channels (no bias), concatenation
     with the centre-cropped skip, double convolution (paper Sec. 2, Fig. 2).
 
-    ``(B, c, *s), skip (B, c_skip, *t) -> (B, out, *(2 s - 4))`` (valid padding).
+    ``(B, c, *s), skip (B, c_skip, *t) -> (B, out, *(2 s - 4))`` (valid padding). Its modules
+    are run by ``UNet.forward`` (the one forward pass, written for low peak memory).
     """
 
     def __init__(
@@ -189,8 +260,3 @@ class Up(nn.Module):
         self.conv = DoubleConv(
             channels + skip_channels, out_channels, out_channels, dim, padding, norm
         )
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        skip = center_crop(skip, x.shape[2:])
-        return self.conv(torch.cat([skip, x], dim=1))

@@ -55,6 +55,22 @@ class UNetGeometry:
                 return None
         return size
 
+    def skip_sizes(self, n: int) -> list[int]:
+        """Per level, top first, the length each skip connection is cropped to for input length
+        ``n`` (the up-convolution's output length at that level); ``depth - 1`` entries."""
+        if self.output_size(n) is None:
+            raise ValueError(f"illegal input length {n}")
+        s = self._shrink
+        size = n
+        for _ in range(self.depth - 1):
+            size = (size - s) // 2
+        size -= s
+        crops = []
+        for _ in range(self.depth - 1):
+            crops.append(2 * size)
+            size = 2 * size - s
+        return crops[::-1]
+
     def is_legal(self, n: int) -> bool:
         return self.output_size(n) is not None
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from sparse3d.crop import center_crop
 from sparse3d.models.blocks import DoubleConv, PaperBatchNorm, Up, conv_cls
 from sparse3d.models.geometry import UNetGeometry
 
@@ -102,6 +103,12 @@ class UNet(nn.Module):
         """Smallest legal input shape whose output covers ``output_shape``."""
         return tuple(self.geometry.input_for_output(int(o)) for o in output_shape)
 
+    def skip_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Per level, top first, the spatial shape each skip connection is cropped to."""
+        self.output_shape(input_shape)  # clear error for an illegal tile
+        per_axis = [self.geometry.skip_sizes(int(n)) for n in input_shape]
+        return [tuple(axis[level] for axis in per_axis) for level in range(len(self.up))]
+
     @property
     def receptive_field(self) -> int:
         return self.geometry.receptive_field()
@@ -111,15 +118,51 @@ class UNet(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *s) -> (B, K, *output_shape(s))`` logits.
+
+        Written for low peak memory at prediction (the only forward pass, training and
+        inference alike): each skip is cropped as soon as it is produced (and compacted when no
+        gradient is kept, so the full-size tensor is freed), each block's input is released
+        after the block's first module, the up-convolution output and the concatenation after
+        their first use. With autograd on, the same tensors stay alive for the backward pass
+        as in a plain forward; the arithmetic is identical either way.
+        """
         if x.dim() != self.dim + 2:
             raise ValueError(f"expected (B, C, {self.dim} spatial axes), got {tuple(x.shape)}")
-        self.output_shape(tuple(x.shape[2:]))  # clear error for an illegal tile
-        skips = []
+        crops = self.skip_shapes(tuple(x.shape[2:]))
+        last = len(self.down) - 1
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.down):
-            x = block(x)
-            if i < len(self.down) - 1:
-                skips.append(x)
+            for module in block:  # rebinding x releases the block input after its first module
+                x = module(x)
+            if i < last:
+                skips.append(_crop_skip(x, crops[i]))
                 x = self.pool(x)
-        for block, skip in zip(self.up, reversed(skips), strict=True):
-            x = block(x, skip)
+        for block in self.up:
+            skip = skips.pop()
+            h = block.up(x)
+            del x
+            h = torch.cat([center_crop(skip, h.shape[2:]), h], dim=1)  # paper Fig. 2: skip first
+            del skip
+            for module in block.conv:  # the concatenation is released after the first conv
+                h = module(h)
+            x = h
+            del h
         return self.head(x)
+
+
+def _crop_skip(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The centre ``shape`` of skip ``x (B, C, *s)``; without autograd a compact copy in ``x``'s
+    memory layout, so the full-size tensor can be freed at once."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    crop = center_crop(x, shape)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return crop
+    channels_last = (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return crop.contiguous(memory_format=fmt)

@@ -1,0 +1,182 @@
+"""The inputs of ``python -m sparse3d.densify`` (layer 3): names, checks, and the import of
+non-HDF5 files with their label files into ``<out>/inputs/<name>.h5``.
+
+By default label code 0 means unlabelled and code ``c >= 1`` is class ``c - 1``, as annotation
+tools write them; ``label_map=`` and ``class_names=`` change that. ``dense_labels=[...]``
+(optional, same order and codes) adds a dense ground truth to each imported input, for scoring
+only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sparse3d.cli import H5_SUFFIXES, UserError
+
+log = logging.getLogger("sparse3d.densify")
+
+
+def _input_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _inputs(cfg: DictConfig) -> dict[str, Path]:
+    """``{name: path}`` of ``cfg.inputs`` (checked to exist, names unique)."""
+    paths: dict[str, Path] = {}
+    for p in cfg.inputs:
+        p = Path(str(p))
+        if not p.exists():
+            raise UserError(f"input {p} does not exist")
+        name = _input_name(p)
+        if name in paths:
+            raise UserError(f"inputs {paths[name]} and {p} have the same name {name!r}: rename one")
+        paths[name] = p
+    return paths
+
+
+def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str], Any]:
+    """Class names and label map for imported inputs.
+
+    Defaults follow what annotation tools write: code 0 is unlabelled and code ``c >= 1`` is
+    class ``c - 1``; without ``class_names`` the classes are ``class1..classK`` with K the
+    largest code in the label files.
+    """
+    from sparse3d.data.convert import ConvertError, read_zyx
+
+    names = None if cfg.get("class_names") is None else [str(n) for n in cfg.class_names]
+    if cfg.get("label_map") is not None:
+        if names is None:
+            raise UserError("label_map= needs class_names=[...] (the names of classes 0..K-1)")
+        return names, str(cfg.label_map) if isinstance(cfg.label_map, str) else dict(cfg.label_map)
+    if names is None:
+        top = 0
+        for f in label_files:
+            try:
+                codes, _ = read_zyx(f)
+            except ConvertError as err:
+                raise UserError(str(err)) from None
+            if codes.dtype.kind not in "ui" and not np.all(codes == np.round(codes)):
+                raise UserError(f"{f}: label codes must be whole numbers, got dtype {codes.dtype}")
+            top = max(top, int(codes.max()))
+        if top < 1:
+            raise UserError(f"{label_files[0]}: no labelled voxel (code 0 means unlabelled)")
+        names = [f"class{c}" for c in range(1, top + 1)]
+    mapping: dict[int | str, int | str] = {0: "ignore"}
+    mapping.update({c: c - 1 for c in range(1, len(names) + 1)})
+    return names, mapping
+
+
+def _label_files(cfg: DictConfig, images: dict[str, Path]) -> tuple[list[Path], list[Path]]:
+    """``(labels, dense_labels)`` files of the non-HDF5 ``images``, checked: one each, existing."""
+    labels = [Path(str(p)) for p in (cfg.get("labels") or [])]
+    if len(labels) != len(images):
+        listed = ", ".join(str(p) for p in images.values())
+        raise UserError(
+            f"{len(images)} input(s) not in HDF5 ({listed}) need one label file each, in the same "
+            f"order, in labels=[...]; got {len(labels)}"
+        )
+    dense = [Path(str(p)) for p in (cfg.get("dense_labels") or [])]
+    if dense and len(dense) != len(images):
+        raise UserError(
+            f"dense_labels=[...] needs one file per non-HDF5 input ({len(images)}), in the same "
+            f"order as labels=[...]; got {len(dense)}"
+        )
+    for p in labels + dense:
+        if not p.exists():
+            raise UserError(f"label file {p} does not exist")
+    return labels, dense
+
+
+def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Import the non-HDF5 ``images`` (each with its file in ``cfg.labels``) into ``folder``."""
+    from sparse3d.data.convert import ConvertError, convert
+
+    labels, dense = _label_files(cfg, images)
+    targets = {name: folder / f"{name}.h5" for name in images}
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"{existing[0]} exists: pass overwrite=true to replace it")
+    names, mapping = _classes_and_map(cfg, labels)
+    voxel = cfg.get("voxel_size_zyx_um")
+    folder.mkdir(parents=True, exist_ok=True)
+    for (name, image), label in zip(images.items(), labels, strict=True):
+        target = targets[name]
+        try:
+            convert(
+                image,
+                label,
+                target,
+                label_map=mapping,
+                class_names=names,
+                ignore_index=len(names),
+                voxel_size_zyx_um=None if voxel is None else [float(v) for v in voxel],
+                channel_axis=None if cfg.get("channel_axis") is None else int(cfg.channel_axis),
+                overwrite=True,
+            )
+        except ConvertError as err:
+            raise UserError(str(err)) from None
+        log.info("imported %s + %s into %s", image, label, target)
+    if dense:
+        for target, truth in zip(targets.values(), dense, strict=True):
+            _add_dense_label(target, truth, mapping)
+    return targets
+
+
+def _add_dense_label(volume: Path, truth: Path, mapping: Any) -> None:
+    """Store ``truth`` (label codes mapped like the annotation) as the volume's dense label."""
+    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map, read_zyx
+    from sparse3d.data.volume import load_volume, write_volume
+
+    vol = load_volume(volume)
+    try:
+        codes, _ = read_zyx(truth)
+        dense = apply_label_map(codes, parse_label_map(mapping, vol.meta.labels), truth)
+    except ConvertError as err:
+        raise UserError(str(err)) from None
+    if dense.shape != vol.label.shape:
+        raise UserError(f"{truth}: shape (z,y,x) {dense.shape} != label shape {vol.label.shape}")
+    write_volume(volume, vol.image, vol.label, vol.meta, dense_label=dense, overwrite=True)
+    log.info("added the dense ground truth %s to %s", truth, volume)
+
+
+def configure_inputs(cfg: DictConfig, out: Path) -> None:
+    """Point ``cfg.data`` at the inputs (importing non-HDF5 ones) or at the demo volumes."""
+    with open_dict(cfg):
+        if not cfg.inputs:
+            for key in ("labels", "dense_labels"):
+                if cfg.get(key):
+                    raise UserError(f"{key}= given without inputs=[...]")
+            cfg.data.volumes = list(cfg.demo_volumes)
+            return
+        given = _inputs(cfg)
+        others = {n: p for n, p in given.items() if p.suffix.lower() not in H5_SUFFIXES}
+        check_targets(cfg, out, list(given))
+        imported = _import(cfg, others, out / "inputs") if others else {}
+        paths = {n: str(imported.get(n, p)) for n, p in given.items()}
+        cfg.data = OmegaConf.create(
+            {
+                **OmegaConf.to_container(cfg.data),
+                "kind": "files",
+                "paths": paths,
+                "volumes": list(paths),
+                "source": {"_target_": "sparse3d.data.sources.volume_files", "paths": paths},
+            }
+        )
+
+
+def check_targets(cfg: DictConfig, out: Path, names) -> dict[str, Path]:
+    """``{name: <out>/<name>_seg.h5}``; refuses existing ones unless ``overwrite=true``."""
+    targets = {n: out / f"{n}_seg.h5" for n in names}
+    existing = [p for p in targets.values() if p.exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"{existing[0]} exists: pass overwrite=true to replace it")
+    return targets

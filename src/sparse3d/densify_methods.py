@@ -1,0 +1,224 @@
+"""The per-volume methods of ``python -m sparse3d.densify`` that learn from each volume alone
+(layer 3): ``method=rf`` (a random forest on filter features, ``sparse3d.rf``) and
+``method=refine`` (cross-fitted, stacked forests, then a small same-padded U-Net on the image
+and the forests' probabilities). The paper's network (``method=unet``), trained once on every
+input, lives in :mod:`sparse3d.densify`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from sparse3d.cli import quiet_lightning
+from sparse3d.densify_results import write_result
+
+if TYPE_CHECKING:
+    from sparse3d.data.volume import VolumeArrays
+    from sparse3d.labels import LabelSpec
+
+log = logging.getLogger("sparse3d.densify")
+
+#: One volume through a method: (source volume, result file, picture) -> the seconds the method
+#: spent on it (prediction; a shared training is added by the caller).
+Segment = Callable[[Path, Path, Path], float]
+
+
+def _rf_probabilities(
+    image: np.ndarray,
+    label: np.ndarray,
+    labels: LabelSpec,
+    voxel_size_zyx_um: tuple[float, float, float] | None,
+    rf_cfg: DictConfig,
+) -> np.ndarray:
+    """The random forest on one volume: image ``(C, Z, Y, X)`` and sparse ``label (Z, Y, X)``
+    -> class probabilities ``(K, Z, Y, X)`` float32 (settings from the ``rf:`` block)."""
+    from sparse3d.rf import segment_rf
+
+    kwargs = OmegaConf.to_container(rf_cfg, resolve=True)
+    assert isinstance(kwargs, dict)
+    kwargs["sigmas"] = tuple(kwargs["sigmas"])
+    return segment_rf(
+        image, label, labels.num_classes, labels.ignore_index, voxel_size_zyx_um, **kwargs
+    )
+
+
+def per_volume(
+    cfg: DictConfig, probabilities: Callable[[VolumeArrays], np.ndarray], attrs: dict[str, Any]
+) -> Segment:
+    """The per-volume step of a method that learns from each volume alone: refuse existing
+    outputs, ``probabilities(volume) -> (K, Z, Y, X)``, write result and picture; returns the
+    seconds ``probabilities`` took."""
+    from sparse3d.data.volume import load_volume
+    from sparse3d.inference.writers import check_output
+
+    def segment(src: Path, seg: Path, png: Path) -> float:
+        check_output(seg, bool(cfg.overwrite))
+        check_output(png, bool(cfg.overwrite))
+        vol = load_volume(src)
+        t0 = time.perf_counter()
+        probs = probabilities(vol)
+        seconds = time.perf_counter() - t0
+        write_result(vol, probs, seg, png, bool(cfg.save_probabilities), attrs)
+        return seconds
+
+    return segment
+
+
+def random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
+    """The per-volume step of ``method=rf`` (nothing is shared between volumes)."""
+    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+    attrs = {"method": "rf", "rf_n_trees": int(cfg.rf.n_trees)}
+    attrs["rf_sigmas"] = [float(s) for s in cfg.rf.sigmas]
+
+    def probabilities(vol: VolumeArrays) -> np.ndarray:
+        spec, voxel = vol.meta.labels, vol.meta.voxel_size_zyx_um
+        return _rf_probabilities(vol.image, vol.label, spec, voxel, cfg.rf)
+
+    return per_volume(cfg, probabilities, attrs), 0.0
+
+
+def _forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
+    from sparse3d.rf import RandomForestSegmenter
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(rf_cfg, resolve=True).items()}
+    kwargs.pop("sigmas", None)
+    kwargs.update(override)
+    return RandomForestSegmenter(num_classes, ignore_index, **kwargs)
+
+
+def _stacked_forests(
+    vol: VolumeArrays,
+    image: np.ndarray,
+    label: np.ndarray,
+    rf_cfg: DictConfig,
+    refine_cfg: DictConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The forests of ``method=refine`` on ``image (C, Z, Y, X)`` and ``label (Z, Y, X)``:
+    ``(full, crossfit)`` probabilities ``(K, Z, Y, X)`` of the stacked forests fitted to every
+    annotated plane, and held out plane by plane (``sparse3d.refine.stacked_probabilities``)."""
+    from sparse3d.refine import stacked_probabilities
+    from sparse3d.rf import voxel_features
+
+    spec = vol.meta.labels
+    k, ign = spec.num_classes, spec.ignore_index
+    features = voxel_features(image, vol.meta.voxel_size_zyx_um, tuple(rf_cfg.sigmas))
+    slices = dict(vol.meta.annotated_slices)
+    if not any(slices.values()):  # labels not on planes: hold out nothing
+        slices = {}
+    forest = _forest(k, ign, rf_cfg)
+    fold_forest = _forest(k, ign, rf_cfg, n_trees=int(refine_cfg.fold_trees))
+    return stacked_probabilities(
+        features,
+        label,
+        slices,
+        forest,
+        fold_forest,
+        stages=int(refine_cfg.rf_stages),
+        context_sigmas=tuple(refine_cfg.context_sigmas),
+        n_folds=int(refine_cfg.folds),
+    )
+
+
+def _refining_network(
+    image: np.ndarray,
+    label: np.ndarray,
+    full: np.ndarray,
+    crossfit: np.ndarray,
+    spec: LabelSpec,
+    refine_cfg: DictConfig,
+    progress_bar: bool,
+    facts: dict[str, Any],
+) -> np.ndarray:
+    """The small same-padded U-Net of ``method=refine``, trained on ``image (C, Z, Y, X)`` and
+    the held-out forest probabilities ``crossfit (K, Z, Y, X)`` with the annotation and the
+    confident pseudo-labels of ``full (K, Z, Y, X)``; returns its probabilities ``(K, Z, Y, X)``
+    and adds its steps and seconds to ``facts``."""
+    import torch
+
+    from sparse3d.callbacks import ProgressLog
+    from sparse3d.data.normalize import normalize_volume
+    from sparse3d.models import UNet
+    from sparse3d.refine import PlaneTiles, fit_tile, predict_same_padded, pseudo_labels
+    from sparse3d.refine_module import RefineModule, fit_refiner
+
+    k, ign = spec.num_classes, spec.ignore_index
+    pseudo = pseudo_labels(full, label, ign, float(refine_cfg.pseudo_threshold))
+    x = np.concatenate([normalize_volume(image), crossfit]).astype(np.float32)
+    torch.manual_seed(int(refine_cfg.seed))
+    net = UNet(
+        x.shape[0],
+        k,
+        base_channels=int(refine_cfg.base_channels),
+        depth=int(refine_cfg.depth),
+        padding="same",
+        norm="batch",
+        bn_eval_stats="running",
+    )
+    multiple = 2 ** (int(refine_cfg.depth) - 1)
+    tile = fit_tile(tuple(refine_cfg.tile_zyx), label.shape, multiple)
+    tiles = PlaneTiles(x, label, pseudo, ign, tile, seed=int(refine_cfg.seed))
+    module = RefineModule(
+        net,
+        k,
+        ign,
+        pseudo_weight=float(refine_cfg.pseudo_weight),
+        lr=float(refine_cfg.lr),
+        max_steps=int(refine_cfg.max_steps),
+        time_budget_s=None if refine_cfg.time_budget_s is None else float(refine_cfg.time_budget_s),
+    )
+    callbacks = [] if progress_bar else [ProgressLog()]  # log lines when piped
+    fit = fit_refiner(
+        module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar, callbacks=callbacks
+    )
+    facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
+    net.eval()
+    return predict_same_padded(
+        net, x, multiple, halo=net.receptive_field, max_voxels=int(refine_cfg.max_voxels_per_pass)
+    )
+
+
+def refine_probabilities(
+    vol: VolumeArrays, rf_cfg: DictConfig, refine_cfg: DictConfig, progress_bar: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``method=refine`` on one volume: cross-fitted, stacked forests, then a small same-padded
+    U-Net on the image and the forests' probabilities (annotation + confident pseudo-labels),
+    averaged with the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary.
+    """
+    label = np.asarray(vol.label)
+    image = np.asarray(vol.image, dtype=np.float32)
+    facts: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    full, crossfit = _stacked_forests(vol, image, label, rf_cfg, refine_cfg)
+    facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
+    if int(refine_cfg.max_steps) <= 0:
+        return full, facts
+    probs = _refining_network(
+        image, label, full, crossfit, vol.meta.labels, refine_cfg, progress_bar, facts
+    )
+    w = float(refine_cfg.forest_weight)
+    return (1.0 - w) * probs + w * full, facts
+
+
+def refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
+    """The per-volume step of ``method=refine`` (each volume learns from its own planes)."""
+    import sys
+
+    quiet_lightning()
+    summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
+    summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
+    summary["steps"] = {}
+
+    def probabilities(vol: VolumeArrays) -> np.ndarray:
+        probs, facts = refine_probabilities(vol, cfg.rf, cfg.refine, sys.stderr.isatty())
+        summary["steps"][vol.path.stem] = facts
+        log.info("%s: %s", vol.path.name, facts)
+        return probs
+
+    return per_volume(cfg, probabilities, {"method": "refine"}), 0.0
