@@ -365,3 +365,16 @@ def test_wandb_run_is_finished_when_a_job_fails(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         train(cfg, tmp_path / "run")
     assert finished == [True]
+
+
+def test_own_volumes_are_given_with_one_override(tmp_path):
+    """``data=files data.paths={name: file}`` composes (an empty-dict default refused it)."""
+    from sparse3d.cli import UserError
+    from sparse3d.experiment import resolve_volumes
+
+    a = _volume_file(tmp_path / "a.h5")
+    cfg = _compose(["data=files", f"data.paths={{first: {a}}}"])
+    assert list(cfg.data.volumes) == ["first"]
+    assert resolve_volumes(cfg.data) == {"first": a}
+    with pytest.raises(UserError, match="no volumes given"):
+        resolve_volumes(_compose(["data=files"]).data)

@@ -45,11 +45,11 @@ def synthetic_benchmark(
         raise DataSourceError(" ".join(str(err).split())) from None
 
 
-def volume_files(paths: Mapping[str, str | Path]) -> dict[str, Path]:
+def volume_files(paths: Mapping[str, str | Path] | None) -> dict[str, Path]:
     """The user's converted volume files ``{name: path}``, each checked to exist."""
-    out = {str(n): Path(p) for n, p in paths.items()}
+    out = {str(n): Path(p) for n, p in (paths or {}).items()}
     if not out:
-        raise DataSourceError("no volumes given: set +data.paths.NAME=file.h5 (one per volume)")
+        raise DataSourceError("no volumes given: data=files data.paths='{name: file.h5, ...}'")
     for p in out.values():
         if not p.is_file():
             raise DataSourceError(
