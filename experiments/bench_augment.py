@@ -44,8 +44,8 @@ from sparse3d.data.transforms import (
     spline_matrix,
 )
 
-TILE_ZYX = (116, 132, 132)
-OUTPUT_ZYX = (28, 44, 44)
+INPUT_TILE = (116, 132, 132)
+OUTPUT_TILE = (28, 44, 44)
 CHANNELS = 3
 SIGMA = 4.0
 SPACING = 32.0
@@ -58,13 +58,13 @@ def make_tile(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random image ``(3, Z, Y, X)`` in [0, 1] and a sparse label (every 8th xy slice,
     two xz and two yz slices annotated, the rest ignore)."""
     rng = np.random.default_rng(seed)
-    image = rng.standard_normal((CHANNELS, *TILE_ZYX)).astype(np.float32)
+    image = rng.standard_normal((CHANNELS, *INPUT_TILE)).astype(np.float32)
     for c in range(CHANNELS):
         image[c] = gaussian_filter(image[c], 2.0)
     image -= image.min()
     image /= image.max()
     classes = np.digitize(image[0], np.quantile(image[0], [0.3, 0.6])).astype(np.uint8)
-    label = np.full(TILE_ZYX, IGNORE, dtype=np.uint8)
+    label = np.full(INPUT_TILE, IGNORE, dtype=np.uint8)
     label[::8] = classes[::8]
     label[:, [40, 90]] = classes[:, [40, 90]]
     label[:, :, [30, 100]] = classes[:, :, [30, 100]]
@@ -75,13 +75,13 @@ def paper_field_stats() -> tuple[float, float]:
     """Mean displacement std (voxels) and mean correlation at lag ``SPACING / 2`` of the paper's
     spline field along one axis of the tile (the tensor-product field's correlation along an
     axis is the 1D one)."""
-    m = spline_matrix(TILE_ZYX[2], SPACING)
+    m = spline_matrix(INPUT_TILE[2], SPACING)
     lag = int(SPACING // 2)
     norms = np.sqrt((m**2).sum(axis=1))
     corr = float(np.mean((m[:-lag] * m[lag:]).sum(axis=1) / (norms[:-lag] * norms[lag:])))
     # variance of the 3D field = sigma^2 * prod_a sum_i M_a[p_a, i]^2, averaged over voxels
     var = SIGMA**2
-    for s in TILE_ZYX:
+    for s in INPUT_TILE:
         var *= float(np.mean((spline_matrix(s, SPACING) ** 2).sum(axis=1)))
     return math.sqrt(var), corr
 
@@ -111,7 +111,7 @@ def make_monai(sigma: float, magnitude: float) -> Rand3DElasticd:
         keys=("image", "label"),
         sigma_range=(sigma, sigma),
         magnitude_range=(magnitude, magnitude),
-        spatial_size=TILE_ZYX,
+        spatial_size=INPUT_TILE,
         prob=1.0,
         rotate_range=tuple(math.radians(r) for r in ROTATE_DEG),
         scale_range=(SCALE[1] - 1.0,) * 3,
@@ -127,23 +127,23 @@ def accuracy(image: np.ndarray, label: np.ndarray) -> dict[str, float]:
     coord_err, image_err, label_dis, plain_err, plain_dis = 0.0, 0.0, 0.0, 0.0, 0.0
     for seed in range(3):
         t = RandPaperDeformd(
-            spatial_size=TILE_ZYX, sigma_voxels=SIGMA, grid_spacing=SPACING,
+            spatial_size=INPUT_TILE, sigma_voxels=SIGMA, grid_spacing=SPACING,
             rotate_range_deg=ROTATE_DEG, scale_range=SCALE, ignore_index=IGNORE,
         )  # fmt: skip
         t.set_random_state(seed)
-        t.randomize(TILE_ZYX)
-        fast = t.sampling_coordinates(TILE_ZYX)
-        field = deformation_field(t.node_values, TILE_ZYX, SPACING)  # exact float64
-        centre = (np.asarray(TILE_ZYX, dtype=np.float64) - 1) / 2
-        grids = np.stack(np.meshgrid(*[np.arange(s) for s in TILE_ZYX], indexing="ij"))
+        t.randomize(INPUT_TILE)
+        fast = t.sampling_coordinates(INPUT_TILE)
+        field = deformation_field(t.node_values, INPUT_TILE, SPACING)  # exact float64
+        centre = (np.asarray(INPUT_TILE, dtype=np.float64) - 1) / 2
+        grids = np.stack(np.meshgrid(*[np.arange(s) for s in INPUT_TILE], indexing="ij"))
         offset = (grids - centre[:, None, None, None]).reshape(3, -1)
-        exact = (t.affine() @ offset).reshape(3, *TILE_ZYX) + centre[:, None, None, None] + field
+        exact = (t.affine() @ offset).reshape(3, *INPUT_TILE) + centre[:, None, None, None] + field
         coord_err = max(coord_err, float(np.abs(fast - exact).max()))
         # row sampler (default CPU path) vs PyTorch's 3D grid_sample on the same coordinates
         t.set_random_state(seed)
         ours = t({"image": image, "label": label})
         grid = torch.as_tensor(exact[::-1].copy(), dtype=torch.float32)
-        size = torch.tensor(TILE_ZYX[::-1], dtype=torch.float32).view(3, 1, 1, 1)
+        size = torch.tensor(INPUT_TILE[::-1], dtype=torch.float32).view(3, 1, 1, 1)
         # mirror (reflection about the border voxel centres) then normalise
         half = size - 1
         grid = half - (grid.remainder(2 * half) - half).abs()
@@ -159,7 +159,7 @@ def accuracy(image: np.ndarray, label: np.ndarray) -> dict[str, float]:
         )
         # the "plain" resampling backend on the same draw
         p = RandPaperDeformd(
-            spatial_size=TILE_ZYX, sigma_voxels=SIGMA, grid_spacing=SPACING,
+            spatial_size=INPUT_TILE, sigma_voxels=SIGMA, grid_spacing=SPACING,
             rotate_range_deg=ROTATE_DEG, scale_range=SCALE, ignore_index=IGNORE,
             resampler="plain",
         )  # fmt: skip
@@ -180,19 +180,19 @@ def run_table(threads: int, repeats: int, image, label, monai_cal, monai_cheap) 
     """Seconds per tile of every variant at ``threads`` torch threads; markdown rows."""
     torch.set_num_threads(threads)
     kwargs = dict(
-        spatial_size=TILE_ZYX, sigma_voxels=SIGMA, grid_spacing=SPACING,
+        spatial_size=INPUT_TILE, sigma_voxels=SIGMA, grid_spacing=SPACING,
         rotate_range_deg=ROTATE_DEG, scale_range=SCALE, ignore_index=IGNORE,
     )  # fmt: skip
     ours_full = RandPaperDeformd(**kwargs)
-    ours_crop = RandPaperDeformd(**kwargs, label_spatial_size=OUTPUT_ZYX)
-    ours_plain = RandPaperDeformd(**kwargs, label_spatial_size=OUTPUT_ZYX, resampler="plain")
+    ours_crop = RandPaperDeformd(**kwargs, label_spatial_size=OUTPUT_TILE)
+    ours_plain = RandPaperDeformd(**kwargs, label_spatial_size=OUTPUT_TILE, resampler="plain")
     ours_full.set_random_state(0)
     ours_crop.set_random_state(0)
     ours_plain.set_random_state(0)
     # plain dense warp: a precomputed (rotated, deformed) grid, one grid_sample per key
-    ours_full.randomize(TILE_ZYX)
-    coords = torch.as_tensor(ours_full.sampling_coordinates(TILE_ZYX)[::-1].copy()).float()
-    half = torch.tensor(TILE_ZYX[::-1], dtype=torch.float32).view(3, 1, 1, 1) - 1
+    ours_full.randomize(INPUT_TILE)
+    coords = torch.as_tensor(ours_full.sampling_coordinates(INPUT_TILE)[::-1].copy()).float()
+    half = torch.tensor(INPUT_TILE[::-1], dtype=torch.float32).view(3, 1, 1, 1) - 1
     plain_grid = (coords / half * 2 - 1).permute(1, 2, 3, 0)[None].contiguous()
     image_t = torch.as_tensor(image)[None]
     label_t = torch.as_tensor(label.astype(np.float32))[None, None]
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Augmentation speed: RandPaperDeformd vs MONAI Rand3DElasticd",
         "",
-        f"Tile: image {CHANNELS}x{'x'.join(map(str, TILE_ZYX))} float32 + uint8 label; "
+        f"Tile: image {CHANNELS}x{'x'.join(map(str, INPUT_TILE))} float32 + uint8 label; "
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, 1-min load "
         f"average {load_before[0]:.1f} before / {load_after[0]:.1f} after (other jobs share the "
         f"machine); median of {args.repeats} interleaved repeats after 2 warm-ups, wall clock.",

@@ -67,11 +67,10 @@ def worker(cfg: dict) -> dict:
         from sparse3d.models import UNet
 
         net = UNet(3, 3, norm="batch").eval()
-        tile = cfg.get("tile")
         pred = Predictor(
             net,
             None,
-            tile_zyx=tile,
+            input_tile=cfg.get("input_tile"),
             precision=cfg["precision"],
             memory_budget_gb=cfg.get("budget_gb"),
             bn_mode=cfg.get("bn_mode", "recalibrate"),
@@ -85,7 +84,7 @@ def worker(cfg: dict) -> dict:
         out.update(
             precision=rep.precision,
             tiles=rep.num_tiles,
-            tile=list(rep.tile_zyx),
+            input_tile=list(rep.input_tile),
             bn_mode=rep.bn_mode,
             macs=choice.macs,
             estimate_gib=rep.peak_estimate_bytes / 2**30,
@@ -118,7 +117,7 @@ def worker(cfg: dict) -> dict:
         out.update(
             precision=cfg["precision"],
             tiles=windows,
-            tile=list(roi),
+            input_tile=list(roi),
             bn_mode="instance norm",
             macs=windows * count_macs(net, (1, 3, *roi)),
             weights=sum(p.numel() for p in net.parameters()),
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     slow = []  # run once whatever --repeat says
     if args.paper_tiles:
         # the paper's setting: its tile, BN with each tile's statistics
-        paper = {"kind": "sparse3d", "tile": [116, 132, 132], "bn_mode": "batch"}
+        paper = {"kind": "sparse3d", "input_tile": [116, 132, 132], "bn_mode": "batch"}
         slow.append(
             {
                 "name": "sparse3d predictor, paper tile 116x132x132, BN per tile, fp32",
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = r["seconds"] / ours["seconds"] if "seconds" in ours else float("nan")
         rows.append(
             f"| {cfg['name']} | {r['seconds']:.1f} | {ratio:.2f} | {r['precision']} | "
-            f"{r['tiles']} x {'x'.join(map(str, r['tile']))} | {r['macs'] / 1e12:.2f} | "
+            f"{r['tiles']} x {'x'.join(map(str, r['input_tile']))} | {r['macs'] / 1e12:.2f} | "
             f"{r['macs'] / 1e9 / r['seconds']:.1f} | {r['peak_gib']:.1f} | {r['load_before']:.1f} |"
         )
     import torch

@@ -48,7 +48,7 @@ def score_run(run: Path, data_root: Path | None) -> list[dict]:
     if net.dim != 3 or not net.has_batchnorm:
         return []
     cfg = OmegaConf.load(run / "config.yaml")
-    tile = tuple(int(n) for n in cfg["data"]["input_tile"])
+    input_tile = tuple(int(n) for n in cfg["data"]["input_tile"])
     root = data_root if data_root is not None else Path(cfg["data"]["root"])
     folder = benchmark_folder(root, float(cfg["data"]["scale"]))
     split = json.loads((run / "split.json").read_text())
@@ -61,12 +61,12 @@ def score_run(run: Path, data_root: Path | None) -> list[dict]:
         dense = np.asarray(vol.dense_label)
         common = {"precision": "fp32", "progress": False}
         seamless = bn_mode_iou(net, meta, image, dense, ("recalibrate", "running"), **common)
-        per_tile = bn_mode_iou(net, meta, image, dense, ("batch",), tile_zyx=tile, **common)
+        per_tile = bn_mode_iou(net, meta, image, dense, ("batch",), input_tile=input_tile, **common)
         rows.append(
             {
                 "run": str(run),
                 "volume": name,
-                "tile": "x".join(map(str, tile)),
+                "input_tile": "x".join(map(str, input_tile)),
                 "tiles": per_tile["batch"]["tiles"],
                 "batch-tile": per_tile["batch"]["mean"],
                 "recalibrate": seamless["recalibrate"]["mean"],
@@ -91,7 +91,7 @@ def table(rows: list[dict], roots: list[Path]) -> str:
     for r in rows:
         run = "/".join(Path(r["run"]).parts[-3:])
         lines.append(
-            f"| {run} | {r['volume']} | {r['tiles']} x {r['tile']} | {r['batch-tile']:.3f} | "
+            f"| {run} | {r['volume']} | {r['tiles']} x {r['input_tile']} | {r['batch-tile']:.3f} | "
             f"{r['recalibrate']:.3f} | {r['running']:.3f} |"
         )
     if rows:

@@ -82,8 +82,9 @@ class Sizes:
         self.accelerator = ["trainer.accelerator=cpu"] if dry else []
         # the network of the GPU-only step: the paper's, or a small one on the CPU
         self.net = {"base_channels": 4, "depth": 3} if dry else {"base_channels": 32, "depth": 4}
-        self.step_output = (4, 4, 4) if dry else (28, 44, 44)  # output tile of one step
-        self.tile_output = (16, 32, 32) if dry else (28, 44, 44)  # predictor's paper-style tile
+        self.step_output_tile = (4, 4, 4) if dry else (28, 44, 44)  # output tile of one step
+        # output tile of the predictor's paper-style tiles
+        self.predict_output_tile = (16, 32, 32) if dry else (28, 44, 44)
         self.timed_steps = 2 if dry else 10
         self.timeout = 300 if dry else 240
 
@@ -289,9 +290,9 @@ def section_step_time(sizes: Sizes, work: Path) -> str:
         net = UNet(3, 3, **sizes.net).to(device)
         fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
         net = net.to(memory_format=fmt)
-        tile = net.input_shape_for_output(sizes.step_output)
-        x = torch.randn(1, 3, *tile, device=device).contiguous(memory_format=fmt)
-        y = torch.randint(0, 4, (1, *sizes.step_output), device=device)
+        input_tile = net.input_shape_for_output(sizes.step_output_tile)
+        x = torch.randn(1, 3, *input_tile, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 4, (1, *sizes.step_output_tile), device=device)
         loss_fn = MaskedCrossEntropy(3, 3)
         opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99)
         _reset_peak(device)
@@ -303,7 +304,7 @@ def section_step_time(sizes: Sizes, work: Path) -> str:
             _train_step(net, opt, loss_fn, x, y, bf16)
         _sync(device)
         ms = 1000 * (time.perf_counter() - t0) / sizes.timed_steps
-        rows.append((label, "x".join(map(str, tile)), f"{ms:.1f}", _peak_gib(device)))
+        rows.append((label, "x".join(map(str, input_tile)), f"{ms:.1f}", _peak_gib(device)))
         del net, opt, x, y
     torch.backends.cudnn.benchmark = False
     return (
@@ -359,12 +360,18 @@ def section_predictor(sizes: Sizes, work: Path, state: dict) -> str:
     folder = work / "data" if sizes.scale == 1.0 else work / "data" / f"scale{sizes.scale:g}"
     image = load_volume(folder / f"{name}.h5").image
     device = _device()
-    tile = net.input_shape_for_output(sizes.tile_output)
+    input_tile = net.input_shape_for_output(sizes.predict_output_tile)
     configs = [
         ("fp32, tile from the budget", {"precision": "fp32"}),
         ("bf16, tile from the budget", {"precision": "bf16"}),
-        (f"fp32, tiles {'x'.join(map(str, tile))}, recalibrated BN", {"tile_zyx": tile}),
-        (f"fp32, tiles {'x'.join(map(str, tile))}, per-tile BN (paper)", {"tile_zyx": tile}),
+        (
+            f"fp32, tiles {'x'.join(map(str, input_tile))}, recalibrated BN",
+            {"input_tile": input_tile},
+        ),
+        (
+            f"fp32, tiles {'x'.join(map(str, input_tile))}, per-tile BN (paper)",
+            {"input_tile": input_tile},
+        ),
     ]
     rows, reference = [], None
     for i, (label, kw) in enumerate(configs):

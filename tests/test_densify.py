@@ -245,7 +245,7 @@ REFINE = {
     "refine.fold_trees": 4,
     "refine.max_steps": 4,
     "refine.time_budget_s": "null",
-    "refine.tile_zyx": "[8,16,16]",
+    "refine.input_tile": "[8,16,16]",
 }
 
 

@@ -38,7 +38,7 @@ def test_predictor_on_cuda_matches_the_cpu():
         "precision": "fp32",
         "bn_mode": "running",
         "progress": False,
-        "tile_zyx": (52, 60, 52),
+        "input_tile": (52, 60, 52),
         "probabilities_dtype": "float32",
     }
     _, cpu = Predictor(net, None, device="cpu", **kw).predict_array(image, probabilities=True)

@@ -236,7 +236,7 @@ def test_tiled_prediction_equals_whole_volume_pass(depth, norm):
     g = net.geometry
     kw = {"bn_mode": "running", "precision": "fp32", "progress": False}
     whole = Predictor(net, None, memory_budget_gb=64, **kw)
-    tiled = Predictor(net, None, tile_zyx=tile, **kw)
+    tiled = Predictor(net, None, input_tile=tile, **kw)
     a = _probabilities(whole, img)
     b = _probabilities(tiled, img)
     assert whole.last_report.num_tiles == 1
@@ -294,7 +294,7 @@ def test_same_padding_blending_leaves_no_gaps():
         net.head.weight.zero_()
         net.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
     img = _image((10, 25, 18))
-    p = Predictor(net, None, tile_zyx=(8, 12, 12), precision="fp32", progress=False)
+    p = Predictor(net, None, input_tile=(8, 12, 12), precision="fp32", progress=False)
     probs = _probabilities(p, img)
     assert p.last_report.grid_zyx == (2, 3, 2)
     want = torch.softmax(torch.tensor([0.5, -1.0, 2.0]), 0).numpy()
@@ -343,7 +343,7 @@ def test_bn_modes_in_the_predictor():
     net, meta = _net_and_meta(in_channels=2, num_classes=3, base_channels=2, depth=3, norm="batch")
     _randomise_bn(net)
     img = _image((12, 12, 24), seed=3) * 2 + 1
-    small = {"tile_zyx": (56, 56, 56), "precision": "fp32", "progress": False}  # 1 x 1 x 2 tiles
+    small = {"input_tile": (56, 56, 56), "precision": "fp32", "progress": False}  # 1 x 1 x 2 tiles
     # one tile: recalibration is the paper's batch statistics, no extra pass
     one = Predictor(net, meta, memory_budget_gb=64, precision="fp32", progress=False)
     lab1, _ = one.predict_array(img)
@@ -405,12 +405,12 @@ def test_layout_choice_follows_the_budget():
     shape = (64, 244, 248)
     big = choose_plan(prof, net, shape, 64 * 2**30)
     assert big.plan.num_tiles == 1 and big.fits
-    assert big.plan.tile_zyx == net.input_shape_for_output(shape)  # clipped to the volume
+    assert big.plan.input_tile == net.input_shape_for_output(shape)  # clipped to the volume
     small = choose_plan(prof, net, shape, 2 * 2**30)
     assert small.fits and small.peak_bytes <= 2 * 2**30 and small.plan.num_tiles > 1
     assert small.macs > big.macs
-    paper = choose_plan(prof, net, shape, 1.0, tile_zyx=(116, 132, 132))
-    assert not paper.fits and paper.plan.tile_zyx == (116, 132, 132)
+    paper = choose_plan(prof, net, shape, 1.0, input_tile=(116, 132, 132))
+    assert not paper.fits and paper.plan.input_tile == (116, 132, 132)
     assert paper.plan.grid_zyx == (3, 6, 7)  # steps of 24, 40, 40 voxels
     # the estimate grows with the tile and halves (roughly) under bf16
     assert prof.peak_bytes((156, 220, 220)) > prof.peak_bytes((116, 132, 132))
@@ -419,7 +419,7 @@ def test_layout_choice_follows_the_budget():
 def test_explicit_tile_is_validated():
     net = UNet(2, 3, base_channels=2, depth=3, norm="none")
     with pytest.raises(ValueError, match="nearest legal sizes"):
-        Predictor(net, None, tile_zyx=(45, 48, 48), progress=False)
+        Predictor(net, None, input_tile=(45, 48, 48), progress=False)
 
 
 def test_streaming_decision_compares_like_with_like():
@@ -460,12 +460,12 @@ def test_no_tile_exceeds_the_element_cap(monkeypatch):
     shape = (400, 1200, 1200)
     huge = 10_000 * 2**30
     uncapped = choose_plan(prof, net, shape, huge, max_elements=float("inf"))
-    assert prof.max_elements(uncapped.plan.tile_zyx) > MAX_TENSOR_ELEMENTS  # the old failure
+    assert prof.max_elements(uncapped.plan.input_tile) > MAX_TENSOR_ELEMENTS  # the old failure
     capped = choose_plan(prof, net, shape, huge)
     assert capped.fits and capped.plan.num_tiles > 1
-    assert prof.max_elements(capped.plan.tile_zyx) <= MAX_TENSOR_ELEMENTS
+    assert prof.max_elements(capped.plan.input_tile) <= MAX_TENSOR_ELEMENTS
     with pytest.raises(ValueError, match="elements"):
-        choose_plan(prof, net, shape, huge, tile_zyx=uncapped.plan.tile_zyx)
+        choose_plan(prof, net, shape, huge, input_tile=uncapped.plan.input_tile)
     # the predictor passes fewer tiles at once when a batch would cross the cap
     small = UNet(2, 3, base_channels=2, depth=2, norm="none")
     p = Predictor(small, None, batch_size=64, progress=False, device="cpu")
@@ -544,7 +544,7 @@ def test_streaming_equals_in_memory(tmp_path):
     )
     _randomise_bn(net)
     path, img = _volume(tmp_path, shape=(16, 24, 28))
-    kw = {"tile_zyx": (56, 60, 52), "precision": "fp32", "progress": False, "device": "cpu"}
+    kw = {"input_tile": (56, 60, 52), "precision": "fp32", "progress": False, "device": "cpu"}
     # 1 x 2 x 3 tiles; on the CPU the budget is host RAM too: a budget smaller than the volume
     # and its results -> tiles are read from and written to disk
     tiny = Predictor(net, meta, memory_budget_gb=1e-4, **kw)
@@ -576,7 +576,7 @@ def test_streaming_same_padded_blending(tmp_path):
         norm="none",
     )  # fmt: skip
     path, img = _volume(tmp_path, shape=(10, 20, 24))
-    kw = {"tile_zyx": (8, 12, 12), "precision": "fp32", "progress": False}
+    kw = {"input_tile": (8, 12, 12), "precision": "fp32", "progress": False}
     want, _ = Predictor(net, meta, **kw).predict_array(img)
     Predictor(net, meta, **kw).predict_file(path, tmp_path / "s.h5", stream=True)
     with h5py.File(tmp_path / "s.h5") as f:
@@ -623,7 +623,7 @@ def test_channel_mismatch_is_one_clear_line(tmp_path):
 
 def test_plan_for_the_paper_tile_has_expected_tiles():
     net = UNet(3, 3)
-    p = Predictor(net, None, tile_zyx=(116, 132, 132), progress=False)
+    p = Predictor(net, None, input_tile=(116, 132, 132), progress=False)
     plan: TilePlan = p.plan((64, 244, 248)).plan
     assert plan.grid_zyx == (3, 6, 7)
     covered = np.zeros((64, 244, 248), np.int8)

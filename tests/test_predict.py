@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -84,7 +85,12 @@ def test_predict_writes_labels_tiff_and_overview(tmp_path):
         predict(_cfg(ckpt=ckpt, input=vol, output=out, progress="false"))
     predict(
         _cfg(
-            ckpt=ckpt, input=vol, output=out, overwrite="true", progress="false", tile="[44,44,44]"
+            ckpt=ckpt,
+            input=vol,
+            output=out,
+            overwrite="true",
+            progress="false",
+            input_tile="[44,44,44]",
         )
     )
 
@@ -103,12 +109,36 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="ckpt= is required"):
         predict(_cfg(input=vol, output=tmp_path / "o.h5"))
     with pytest.raises(UserError, match="nearest legal sizes"):
-        predict(_cfg(ckpt=ckpt, input=vol, output=tmp_path / "o.h5", tile="[21,21,21]"))
+        predict(_cfg(ckpt=ckpt, input=vol, output=tmp_path / "o.h5", input_tile="[21,21,21]"))
     bad = tmp_path / "bad.pt"
     bad.write_text("hello")
     with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
         predict(_cfg(ckpt=bad, input=vol, output=tmp_path / "o.h5"))
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_input_tile_and_its_deprecated_old_name(tmp_path, caplog):
+    """input_tile=[z,y,x] sets the tile; the old key tile= still works, with one warning."""
+    ckpt = _model(tmp_path / "model.pt", ("lectin",))
+    vol = _volume(tmp_path / "vol.h5", 1)
+    common = {"ckpt": ckpt, "input": vol, "progress": "false", "precision": "fp32"}
+    with caplog.at_level(logging.WARNING, logger="sparse3d.predict"):
+        new = predict(_cfg(output=tmp_path / "new.h5", input_tile="[24,24,24]", **common))
+        assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+        old = predict(_cfg(output=tmp_path / "old.h5", tile="[24,24,24]", **common))
+    # (10, 16, 18) voxels in output tiles of 8: 2 x 2 x 3 tiles of input 24
+    assert new["input_tile"] == old["input_tile"] == (24, 24, 24)
+    assert new["num_tiles"] == old["num_tiles"] == 12
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warned == ["tile= is deprecated, use input_tile=[z,y,x]"]
+    with h5py.File(tmp_path / "new.h5") as f, h5py.File(tmp_path / "old.h5") as g:
+        assert list(f.attrs["input_tile"]) == list(g.attrs["input_tile"]) == [24, 24, 24]
+        np.testing.assert_array_equal(f["labels"][...], g["labels"][...])
+    with pytest.raises(UserError, match="input_tile= only"):
+        predict(
+            _cfg(output=tmp_path / "x.h5", tile="[24,24,24]", input_tile="[24,24,24]", **common)
+        )
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_tiff_input_through_the_importer(tmp_path):

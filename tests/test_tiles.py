@@ -34,9 +34,11 @@ def test_extract_mirrors_image_and_pads_label_with_ignore():
     image = rng.random((2, 10, 12, 9), dtype=np.float32)
     label = rng.integers(0, 3, (10, 12, 9)).astype(np.uint8)
     inp, out, margin = (14, 10, 12), (6, 4, 4), (1, 2, 0)
-    out_start = (0, 9, 3)  # touches the z start and the y end
-    img, lab = extract_tile(image, label, out_start, inp, out, margin, ignore_index=IGNORE)
-    start = [s - (i - o) // 2 - m for s, i, o, m in zip(out_start, inp, out, margin, strict=True)]
+    output_start = (0, 9, 3)  # touches the z start and the y end
+    img, lab = extract_tile(image, label, output_start, inp, out, margin, ignore_index=IGNORE)
+    start = [
+        s - (i - o) // 2 - m for s, i, o, m in zip(output_start, inp, out, margin, strict=True)
+    ]
     size = [i + 2 * m for i, m in zip(inp, margin, strict=True)]
     pad = 40
     ref = np.pad(image, [(0, 0)] + [(pad, pad)] * 3, mode="reflect")
@@ -138,7 +140,7 @@ def test_labelled_fraction_matches_brute_force():
 def test_labelled_yield_much_higher_than_uniform_for_sparse_slices():
     shape = (64, 240, 240)
     mask = slice_mask(shape, {"z": (30,), "y": (100,), "x": (150,)})
-    kw = dict(shape_zyx=shape, input_zyx=(40, 60, 60), output_zyx=(8, 24, 24), labelled_mask=mask)
+    kw = dict(shape_zyx=shape, input_tile=(40, 60, 60), output_tile=(8, 24, 24), labelled_mask=mask)
     labelled = labelled_yield(TileSampler(**kw, seed=0), 400)
     uniform = labelled_yield(TileSampler(**kw, seed=0, mode="uniform"), 400)
     assert labelled > 3 * uniform
@@ -155,7 +157,7 @@ def test_labelled_yield_paper_sample1():
     }
     mask = slice_mask(shape, slices)
     kw = dict(
-        shape_zyx=shape, input_zyx=(116, 132, 132), output_zyx=(28, 44, 44), labelled_mask=mask
+        shape_zyx=shape, input_tile=(116, 132, 132), output_tile=(28, 44, 44), labelled_mask=mask
     )
     labelled = labelled_yield(TileSampler(**kw, seed=0), 2000)
     uniform = labelled_yield(TileSampler(**kw, seed=0, mode="uniform"), 2000)

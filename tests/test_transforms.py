@@ -154,8 +154,8 @@ def test_identity_with_start_matches_extract_tile():
     t = deform(sigma_voxels=0.0, rotate_range_deg=(0, 0, 0), scale_range=(1, 1))
     start = (-7, 20, -3)  # overhangs the volume: mirror image, ignore label
     out = t({"image": image, "label": label, "tile_start_zyx": start})
-    out_start = tuple(s + (i - o) // 2 for s, i, o in zip(start, SHAPE, SHAPE, strict=True))
-    img, lab = extract_tile(image, label, out_start, SHAPE, SHAPE, ignore_index=IGNORE)
+    output_start = tuple(s + (i - o) // 2 for s, i, o in zip(start, SHAPE, SHAPE, strict=True))
+    img, lab = extract_tile(image, label, output_start, SHAPE, SHAPE, ignore_index=IGNORE)
     np.testing.assert_array_equal(out["image"], img)
     np.testing.assert_array_equal(out["label"], lab)
     assert (out["label"][:7] == IGNORE).all()
@@ -422,13 +422,13 @@ def test_start_key_on_volume_equals_tile_with_margin():
     kw = dict(label_spatial_size=(8, 12, 10), rotate_range_deg=(30.0, 5.0, 5.0))
     direct, tiled = deform(**kw), deform(**kw)
     margin = tiled.required_margin_zyx()
-    out_start = (10, 30, 5)  # near borders: mirrored context
+    output_start = (10, 30, 5)  # near borders: mirrored context
     for seed in range(2):
         direct.set_random_state(seed)
         tiled.set_random_state(seed)
-        start = (out_start[0] - 8, out_start[1] - 14, out_start[2] - 13)
+        start = (output_start[0] - 8, output_start[1] - 14, output_start[2] - 13)
         a = direct({"image": image, "label": label, "tile_start_zyx": start})
-        img, lab = extract_tile(image, label, out_start, SHAPE, (8, 12, 10), margin, IGNORE)
+        img, lab = extract_tile(image, label, output_start, SHAPE, (8, 12, 10), margin, IGNORE)
         b = tiled({"image": img, "label": lab})
         np.testing.assert_allclose(a["image"], b["image"], atol=5e-3)
         assert (a["label"] == b["label"]).mean() > 0.999

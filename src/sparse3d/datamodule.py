@@ -189,8 +189,8 @@ class SparseDataModule(L.LightningDataModule):
         if self.dim == 3:
             return TileDataset(
                 pairs,
-                input_zyx=self.input_tile,
-                output_zyx=self.output_tile,
+                input_tile=self.input_tile,
+                output_tile=self.output_tile,
                 samples_per_epoch=self.samples_per_epoch,
                 transform=self.transform,
                 ignore_index=self.labels.ignore_index,
@@ -201,8 +201,8 @@ class SparseDataModule(L.LightningDataModule):
         return SliceDataset(
             pairs,
             annotated_slices=slices,
-            input_yx=self.input_tile,
-            output_yx=self.output_tile,
+            input_tile=self.input_tile,
+            output_tile=self.output_tile,
             samples_per_epoch=self.samples_per_epoch,
             transform=self.transform,
             ignore_index=self.labels.ignore_index,

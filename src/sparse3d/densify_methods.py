@@ -162,8 +162,8 @@ def _refining_network(
         bn_eval_stats="running",
     )
     multiple = 2 ** (int(refine_cfg.depth) - 1)
-    tile = fit_tile(tuple(refine_cfg.tile_zyx), label.shape, multiple)
-    tiles = PlaneTiles(x, label, pseudo, ign, tile, seed=int(refine_cfg.seed))
+    input_tile = fit_tile(tuple(refine_cfg.input_tile), label.shape, multiple)
+    tiles = PlaneTiles(x, label, pseudo, ign, input_tile, seed=int(refine_cfg.seed))
     module = RefineModule(
         net,
         k,

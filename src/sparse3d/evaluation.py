@@ -59,10 +59,10 @@ def _reflect_pad(x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
 def _slice_probabilities(net: UNet, image: torch.Tensor) -> torch.Tensor:
     """One 2D image ``(C, H, W)`` -> softmax ``(K, H, W)`` from one mirror-padded pass."""
     spatial = tuple(image.shape[1:])
-    inp = net.input_shape_for_output(spatial)
-    out = net.output_shape(inp)
+    input_tile = net.input_shape_for_output(spatial)  # the whole slice as one tile
+    output_tile = net.output_shape(input_tile)
     pads = []
-    for n, i, o in zip(spatial, inp, out, strict=True):
+    for n, i, o in zip(spatial, input_tile, output_tile, strict=True):
         before = (i - o) // 2  # a valid net's output starts (in - out) / 2 voxels in
         pads.append((before, i - n - before))
     logits = net(_reflect_pad(image[None], pads))

@@ -1,7 +1,7 @@
 """Segment one volume with a trained model (layer 3 entry point).
 
     python -m sparse3d.predict ckpt=model.pt input=vol.h5 output=seg.h5 [tiff=seg.tif]
-        [overview=seg.png] [probabilities=true] [precision=bf16] [tile=[z,y,x]]
+        [overview=seg.png] [probabilities=true] [precision=bf16] [input_tile=[z,y,x]]
         [bn_mode=recalibrate|batch|running] [memory_gb=8] [overwrite=true]
 
 Configuration: ``conf/predict.yaml``. Hydra runs in the current directory and writes no
@@ -31,6 +31,21 @@ def _require(cfg: DictConfig, key: str) -> str:
             f"{key}= is required (python -m sparse3d.predict ckpt=... input=... output=...)"
         )
     return str(value)
+
+
+def _input_tile(cfg: DictConfig) -> tuple[int, ...] | None:
+    """The ``input_tile=[z,y,x]`` of the command line, or None (chosen from the memory budget).
+
+    The old key ``tile=`` is still accepted, with a deprecation warning.
+    """
+    value = cfg.get("input_tile")
+    old = cfg.get("tile")  # deprecated alias of input_tile (before the rename); kept working
+    if old is not None:
+        log.warning("tile= is deprecated, use input_tile=[z,y,x]")
+        if value is not None:
+            raise UserError("give input_tile= only (tile= is its deprecated old name)")
+        value = old
+    return None if value is None else tuple(int(n) for n in value)
 
 
 def _as_volume(path: Path, channel_axis: int | None, meta, tmp_dir: Path) -> Path:
@@ -77,12 +92,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         net, meta = load_model(ckpt)
     except (FileNotFoundError, CheckpointError) as err:
         raise UserError(str(err)) from None
-    tile = None if cfg.get("tile") is None else tuple(int(n) for n in cfg.tile)
+    input_tile = _input_tile(cfg)
     try:
         predictor = Predictor(
             net,
             meta,
-            tile_zyx=tile,
+            input_tile=input_tile,
             memory_budget_gb=cfg.get("memory_gb"),
             precision=str(cfg.precision),
             bn_mode=str(cfg.bn_mode),
@@ -118,7 +133,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         out,
         "x".join(map(str, report.shape_zyx)),
         report.num_tiles,
-        "x".join(map(str, report.tile_zyx)),
+        "x".join(map(str, report.input_tile)),
         report.bn_mode,
         report.precision,
         report.seconds,

@@ -145,12 +145,12 @@ def pseudo_labels(
     return np.where(keep, out, ignore_index).astype(np.uint8)
 
 
-def fit_tile(tile_zyx: Sequence[int], shape_zyx: Sequence[int], multiple: int) -> tuple[int, ...]:
-    """The largest tile no bigger than ``tile_zyx`` or the volume, each side a multiple of
-    ``multiple`` (the network's pooling factor); at least ``multiple``."""
+def fit_tile(input_tile: Sequence[int], shape_zyx: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """The largest input tile no bigger than ``input_tile`` or the volume, each side a multiple
+    of ``multiple`` (the network's pooling factor); at least ``multiple``."""
     return tuple(
         max(multiple, (min(int(t), int(s)) // multiple) * multiple)
-        for t, s in zip(tile_zyx, shape_zyx, strict=True)
+        for t, s in zip(input_tile, shape_zyx, strict=True)
     )
 
 
@@ -174,13 +174,13 @@ class PlaneTiles(IterableDataset):
         label: np.ndarray,
         pseudo: np.ndarray,
         ignore_index: int,
-        tile_zyx: Sequence[int],
+        input_tile: Sequence[int],
         seed: int = 0,
         pseudo_fraction: float = 0.5,
         flips: bool = True,
     ) -> None:
         super().__init__()
-        need = [max(0, int(t) - int(s)) for t, s in zip(tile_zyx, label.shape, strict=True)]
+        need = [max(0, int(t) - int(s)) for t, s in zip(input_tile, label.shape, strict=True)]
         pads = [(n // 2, n - n // 2) for n in need]
         self.image = torch.from_numpy(
             np.pad(image, [(0, 0), *pads], mode="reflect") if any(need) else image
@@ -191,7 +191,7 @@ class PlaneTiles(IterableDataset):
         self.pseudo = torch.from_numpy(
             np.pad(pseudo, pads, constant_values=ignore_index).astype(np.int64)
         )
-        self.tile = tuple(int(t) for t in tile_zyx)
+        self.input_tile = tuple(int(t) for t in input_tile)
         self.seed = int(seed)
         self.pseudo_fraction = float(pseudo_fraction)
         self.flips = bool(flips)
@@ -206,10 +206,10 @@ class PlaneTiles(IterableDataset):
         centre = pool[rng.integers(len(pool))]
         shape = self.label.shape
         start = []
-        for c, t, n in zip(centre, self.tile, shape, strict=True):
+        for c, t, n in zip(centre, self.input_tile, shape, strict=True):
             jitter = int(rng.integers(-(t // 4), t // 4 + 1))
             start.append(int(np.clip(c - t // 2 + jitter, 0, n - t)))
-        box = tuple(slice(s, s + t) for s, t in zip(start, self.tile, strict=True))
+        box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
         image, label, pseudo = self.image[(slice(None), *box)], self.label[box], self.pseudo[box]
         if self.flips:
             for axis in range(3):

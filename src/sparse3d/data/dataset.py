@@ -98,32 +98,32 @@ class _TileSource:
 
     def __init__(
         self,
-        input_shape: tuple[int, ...],
-        output_shape: tuple[int, ...],
+        input_tile: tuple[int, ...],
+        output_tile: tuple[int, ...],
         transform: Callable | None,
         ignore_index: int,
         margin: Sequence[int] | None,
     ) -> None:
-        self.input_shape = input_shape
-        self.output_shape = output_shape
+        self.input_tile = input_tile
+        self.output_tile = output_tile
         self.ignore_index = int(ignore_index)
         self.transform = transform
         self.deform, self.rest = _split_transform(transform)
-        nd = len(input_shape)
+        nd = len(input_tile)
         if self.deform is not None:
-            if self.deform.spatial_size != input_shape:
+            if self.deform.spatial_size != input_tile:
                 raise ValueError(
                     f"dataset: RandPaperDeformd spatial_size {self.deform.spatial_size} must be "
-                    f"the input tile {input_shape}"
+                    f"the input tile {input_tile}"
                 )
-            if self.deform.label_spatial_size not in (None, output_shape):
+            if self.deform.label_spatial_size not in (None, output_tile):
                 raise ValueError(
                     f"dataset: RandPaperDeformd label_spatial_size "
-                    f"{self.deform.label_spatial_size} must be the output tile {output_shape}"
+                    f"{self.deform.label_spatial_size} must be the output tile {output_tile}"
                 )
         if margin is None:
             inner = _find_deform(transform) if self.deform is None else None
-            margin = inner.required_margin_zyx(input_shape) if inner is not None else (0,) * nd
+            margin = inner.required_margin_zyx(input_tile) if inner is not None else (0,) * nd
         self.margin = tuple(int(m) for m in margin)
         if len(self.margin) != nd:
             raise ValueError(f"dataset: margin {self.margin} needs {nd} entries")
@@ -132,7 +132,7 @@ class _TileSource:
         self,
         image: np.ndarray,
         label: np.ndarray,
-        out_start: Sequence[int],
+        output_start: Sequence[int],
         rng: np.random.Generator,
     ) -> dict[str, torch.Tensor]:
         """Image ``(C, *input)`` float32 and label ``(*output)`` int64 for an output position."""
@@ -142,7 +142,7 @@ class _TileSource:
             d = {
                 "image": torch.from_numpy(image),
                 "label": torch.from_numpy(label),
-                key: input_start(out_start, self.input_shape, self.output_shape),
+                key: input_start(output_start, self.input_tile, self.output_tile),
             }
             d = self.deform(d)
             d.pop(key, None)
@@ -152,7 +152,7 @@ class _TileSource:
         else:
             margin = self.margin if self.transform is not None else (0,) * len(self.margin)
             img, lab = extract_tile(
-                image, label, out_start, self.input_shape, self.output_shape, margin,
+                image, label, output_start, self.input_tile, self.output_tile, margin,
                 self.ignore_index,
             )  # fmt: skip
             d = {"image": img, "label": lab}
@@ -160,10 +160,10 @@ class _TileSource:
                 _seed(self.transform, rng)
                 d = self.transform(d)
         img, lab = _own(d["image"], image), _own(d["label"], label)
-        if lab.ndim == len(self.output_shape) + 1 and lab.shape[0] == 1:
+        if lab.ndim == len(self.output_tile) + 1 and lab.shape[0] == 1:
             lab = lab[0]
-        img = center_crop(img, self.input_shape)
-        lab = center_crop(lab, self.output_shape)
+        img = center_crop(img, self.input_tile)
+        lab = center_crop(lab, self.output_tile)
         return {
             "image": img.to(torch.float32).contiguous(),
             "label": lab.to(torch.int64).contiguous(),
@@ -180,8 +180,8 @@ class _SeededTiles(Dataset):
         self,
         kind: str,
         volumes: Sequence[Any],
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
+        input_tile: Sequence[int],
+        output_tile: Sequence[int],
         dims: int,
         samples_per_epoch: int,
         ignore_index: int,
@@ -191,16 +191,16 @@ class _SeededTiles(Dataset):
             raise ValueError(f"dataset: {kind} needs at least one volume")
         if samples_per_epoch < 1:
             raise ValueError(f"dataset: samples_per_epoch must be >= 1, got {samples_per_epoch}")
-        self.input_shape = tuple(int(v) for v in input_shape)
-        self.output_shape = tuple(int(v) for v in output_shape)
-        if len(self.input_shape) != dims or len(self.output_shape) != dims:
+        self.input_tile = tuple(int(v) for v in input_tile)
+        self.output_tile = tuple(int(v) for v in output_tile)
+        if len(self.input_tile) != dims or len(self.output_tile) != dims:
             raise ValueError(f"dataset: the input and output tiles of {kind} need {dims} entries")
-        for i, o in zip(self.input_shape, self.output_shape, strict=True):
+        for i, o in zip(self.input_tile, self.output_tile, strict=True):
             # valid convolutions: the output is the centred crop of the input (paper Sec. 2)
             if i < o or (i - o) % 2:
                 raise ValueError(
-                    f"dataset: output tile {self.output_shape} is not a centred crop of the "
-                    f"input tile {self.input_shape} (input - output must be even and >= 0)"
+                    f"dataset: output tile {self.output_tile} is not a centred crop of the "
+                    f"input tile {self.input_tile} (input - output must be even and >= 0)"
                 )
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
@@ -237,12 +237,12 @@ class TileDataset(_SeededTiles):
         volumes: in-memory volumes, each ``(image (C, Z, Y, X) float32, label (Z, Y, X))`` or an
             object with ``.image`` / ``.label`` (e.g. ``VolumeArrays``); images already
             normalised.
-        input_zyx: network input tile (paper: 116 x 132 x 132 in z, y, x).
-        output_zyx: the output tile the network gives for it (paper: 28 x 44 x 44).
+        input_tile: network input tile (paper: 116 x 132 x 132 in z, y, x).
+        output_tile: the output tile the network gives for it (paper: 28 x 44 x 44).
         samples_per_epoch: dataset length.
         transform: callable on ``{"image", "label"}`` or ``None``. A :class:`RandPaperDeformd`
-            (alone or first in a ``Compose``) must have ``spatial_size=input_zyx`` and
-            ``label_spatial_size=output_zyx``; it cuts the tile straight from the volume (image
+            (alone or first in a ``Compose``) must have ``spatial_size=input_tile`` and
+            ``label_spatial_size=output_tile``; it cuts the tile straight from the volume (image
             mirrored, label ignore outside the volume) in the same resampling. Any other
             transform gets the input tile plus ``margin_zyx`` (image mirrored, label ignore) and
             its result is centre-cropped to the input / output tile.
@@ -257,8 +257,8 @@ class TileDataset(_SeededTiles):
     def __init__(
         self,
         volumes: Sequence[Any],
-        input_zyx: Sequence[int],
-        output_zyx: Sequence[int],
+        input_tile: Sequence[int],
+        output_tile: Sequence[int],
         samples_per_epoch: int,
         transform: Callable | None = None,
         ignore_index: int = 3,
@@ -266,9 +266,15 @@ class TileDataset(_SeededTiles):
         margin_zyx: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
-            "TileDataset", volumes, input_zyx, output_zyx, 3, samples_per_epoch, ignore_index, seed
+            "TileDataset",
+            volumes,
+            input_tile,
+            output_tile,
+            3,
+            samples_per_epoch,
+            ignore_index,
+            seed,
         )
-        self.input_zyx, self.output_zyx = self.input_shape, self.output_shape
         self.samplers = []
         counts = []
         for i, (_, label) in enumerate(self.volumes):
@@ -279,21 +285,21 @@ class TileDataset(_SeededTiles):
                 self.samplers.append(None)
                 continue
             self.samplers.append(
-                TileSampler(label.shape, self.input_zyx, self.output_zyx, mask, seed, "labelled")
+                TileSampler(label.shape, self.input_tile, self.output_tile, mask, seed, "labelled")
             )
         total = sum(counts)
         if total == 0:
             raise ValueError("dataset: no volume has annotated voxels")
         self.volume_weights = np.asarray(counts, dtype=np.float64) / total
         self._source = _TileSource(
-            self.input_zyx, self.output_zyx, transform, ignore_index, margin_zyx
+            self.input_tile, self.output_tile, transform, ignore_index, margin_zyx
         )
 
     def _item(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         v = int(rng.choice(len(self.volumes), p=self.volume_weights))
         image, label = self.volumes[v]
-        out_start = self.samplers[v].sample(rng)
-        return self._source.tile(image, label, out_start, rng)
+        output_start = self.samplers[v].sample(rng)
+        return self._source.tile(image, label, output_start, rng)
 
 
 class SliceDataset(_SeededTiles):
@@ -310,7 +316,7 @@ class SliceDataset(_SeededTiles):
         volumes: as for :class:`TileDataset`.
         annotated_slices: per volume ``{"z": (...), "y": (...), "x": (...)}`` slice indices;
             ``None``: each volume's ``.meta.annotated_slices``.
-        input_yx / output_yx: 2D network input tile and the output tile it gives.
+        input_tile / output_tile: 2D network input tile and the output tile it gives.
         samples_per_epoch, transform, ignore_index, seed: as for :class:`TileDataset` (2D).
         margin_yx: as ``margin_zyx`` of :class:`TileDataset`.
 
@@ -321,8 +327,8 @@ class SliceDataset(_SeededTiles):
         self,
         volumes: Sequence[Any],
         annotated_slices: Sequence[Mapping[str, Sequence[int]]] | None,
-        input_yx: Sequence[int],
-        output_yx: Sequence[int],
+        input_tile: Sequence[int],
+        output_tile: Sequence[int],
         samples_per_epoch: int,
         transform: Callable | None = None,
         ignore_index: int = 3,
@@ -330,9 +336,15 @@ class SliceDataset(_SeededTiles):
         margin_yx: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
-            "SliceDataset", volumes, input_yx, output_yx, 2, samples_per_epoch, ignore_index, seed
+            "SliceDataset",
+            volumes,
+            input_tile,
+            output_tile,
+            2,
+            samples_per_epoch,
+            ignore_index,
+            seed,
         )
-        self.input_yx, self.output_yx = self.input_shape, self.output_shape
         if annotated_slices is None:
             try:
                 annotated_slices = [v.meta.annotated_slices for v in volumes]
@@ -362,13 +374,13 @@ class SliceDataset(_SeededTiles):
                     self.slices.append((v, axis, int(k)))
                     counts.append(n)
                     self.samplers.append(
-                        TileSampler(mask.shape, self.input_yx, self.output_yx, mask, seed)
+                        TileSampler(mask.shape, self.input_tile, self.output_tile, mask, seed)
                     )
         if not self.slices:
             raise ValueError("dataset: no annotated slice with labelled pixels")
         self.slice_weights = np.asarray(counts, dtype=np.float64) / sum(counts)
         self._source = _TileSource(
-            self.input_yx, self.output_yx, transform, ignore_index, margin_yx
+            self.input_tile, self.output_tile, transform, ignore_index, margin_yx
         )
 
     @staticmethod
@@ -383,7 +395,7 @@ class SliceDataset(_SeededTiles):
         s = int(rng.choice(len(self.slices), p=self.slice_weights))
         v, axis, k = self.slices[s]
         image, label = self.volumes[v]
-        out_start = self.samplers[s].sample(rng)
+        output_start = self.samplers[s].sample(rng)
         return self._source.tile(
-            self._plane(image, axis, k), self._plane(label, axis, k), out_start, rng
+            self._plane(image, axis, k), self._plane(label, axis, k), output_start, rng
         )

@@ -1,7 +1,7 @@
 """Tile sampling and extraction for a network with valid convolutions (the paper's overlap-tile).
 
-With valid (unpadded) convolutions the network maps an input tile ``input_zyx`` to a smaller,
-centred output tile ``output_zyx`` (paper Sec. 2: 132x132x116 -> 44x44x28 voxels in x, y, z). The
+With valid (unpadded) convolutions the network maps an input tile ``input_tile`` to a smaller,
+centred output tile ``output_tile`` (paper Sec. 2: 132x132x116 -> 44x44x28 voxels in x, y, z). The
 input tile therefore reaches ``(input - output) // 2`` voxels beyond the output tile on each side;
 at the volume border that context is filled by mirroring the image, as in the u-net's overlap-tile
 strategy, while the label outside the volume is "unlabelled" (the ignore code) and never a class.
@@ -102,24 +102,24 @@ def read_region(
 
 
 def input_start(
-    out_start: Sequence[int], input_shape: Sequence[int], output_shape: Sequence[int]
+    output_start: Sequence[int], input_tile: Sequence[int], output_tile: Sequence[int]
 ) -> tuple[int, ...]:
-    """Start of the input tile whose centred valid-convolution output starts at ``out_start``.
+    """Start of the input tile whose centred valid-convolution output starts at ``output_start``.
 
     The network's output is the centred crop of its input, offset ``(input - output) // 2``.
     """
     return tuple(
         int(o) - (int(i) - int(p)) // 2
-        for o, i, p in zip(out_start, input_shape, output_shape, strict=True)
+        for o, i, p in zip(output_start, input_tile, output_tile, strict=True)
     )
 
 
 def extract_tile(
     image: Any,
     label: Any | None,
-    out_start_zyx: Sequence[int],
-    input_zyx: Sequence[int],
-    output_zyx: Sequence[int],
+    output_start: Sequence[int],
+    input_tile: Sequence[int],
+    output_tile: Sequence[int],
     margin_zyx: Sequence[int] = (0, 0, 0),
     ignore_index: int = 3,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -128,8 +128,8 @@ def extract_tile(
     Args:
         image: ``(C, Z, Y, X)`` numpy array or h5py dataset (only the needed region is read).
         label: ``(Z, Y, X)`` array / dataset, or ``None``.
-        out_start_zyx: first voxel of the OUTPUT tile in volume coordinates.
-        input_zyx / output_zyx: the network's input tile and the output it produces from it.
+        output_start: first voxel of the OUTPUT tile in volume coordinates.
+        input_tile / output_tile: the network's input tile and the output it produces from it.
         margin_zyx: extra context per side (e.g. room for a rotation/deformation).
 
     Returns:
@@ -138,18 +138,18 @@ def extract_tile(
         ``ignore_index`` outside the volume. Boxes fully inside an in-memory volume are views.
     """
     ndim = len(image.shape) - 1
-    input_zyx = _as_shape(input_zyx, "input_zyx", ndim)
-    output_zyx = _as_shape(output_zyx, "output_zyx", ndim)
+    input_tile = _as_shape(input_tile, "input_tile", ndim)
+    output_tile = _as_shape(output_tile, "output_tile", ndim)
     margin_zyx = _as_shape(margin_zyx, "margin_zyx", ndim)
-    if any(i < o for i, o in zip(input_zyx, output_zyx, strict=True)):
-        raise ValueError(f"tiles: input tile {input_zyx} smaller than output tile {output_zyx}")
+    if any(i < o for i, o in zip(input_tile, output_tile, strict=True)):
+        raise ValueError(f"tiles: input tile {input_tile} smaller than output tile {output_tile}")
     if any(m < 0 for m in margin_zyx):
         raise ValueError(f"tiles: margin_zyx must be >= 0, got {margin_zyx}")
     start = tuple(
         s - m
-        for s, m in zip(input_start(out_start_zyx, input_zyx, output_zyx), margin_zyx, strict=True)
+        for s, m in zip(input_start(output_start, input_tile, output_tile), margin_zyx, strict=True)
     )
-    size = tuple(i + 2 * m for i, m in zip(input_zyx, margin_zyx, strict=True))
+    size = tuple(i + 2 * m for i, m in zip(input_tile, margin_zyx, strict=True))
     image_tile = read_region(image, start, size, mode="reflect")
     label_tile = None
     if label is not None:
@@ -168,7 +168,7 @@ class TileSampler:
 
     Args:
         shape_zyx: spatial shape of the volume.
-        input_zyx / output_zyx: network input tile and the output tile it yields (given, not
+        input_tile / output_tile: network input tile and the output tile it yields (given, not
             computed here).
         labelled_mask: ``(Z, Y, X)`` bool, True where a voxel is annotated; required for
             ``mode="labelled"``.
@@ -184,18 +184,20 @@ class TileSampler:
     def __init__(
         self,
         shape_zyx: Sequence[int],
-        input_zyx: Sequence[int],
-        output_zyx: Sequence[int],
+        input_tile: Sequence[int],
+        output_tile: Sequence[int],
         labelled_mask: np.ndarray | None = None,
         seed: int = 0,
         mode: str = "labelled",
     ) -> None:
         self.shape_zyx = _as_shape(shape_zyx, "shape_zyx")
         ndim = len(self.shape_zyx)
-        self.input_zyx = _as_shape(input_zyx, "input_zyx", ndim)
-        self.output_zyx = _as_shape(output_zyx, "output_zyx", ndim)
-        if any(i < o for i, o in zip(self.input_zyx, self.output_zyx, strict=True)):
-            raise ValueError(f"tiles: input {self.input_zyx} smaller than output {self.output_zyx}")
+        self.input_tile = _as_shape(input_tile, "input_tile", ndim)
+        self.output_tile = _as_shape(output_tile, "output_tile", ndim)
+        if any(i < o for i, o in zip(self.input_tile, self.output_tile, strict=True)):
+            raise ValueError(
+                f"tiles: input {self.input_tile} smaller than output {self.output_tile}"
+            )
         if mode not in ("labelled", "uniform"):
             raise ValueError(f"tiles: mode must be 'labelled' or 'uniform', got {mode!r}")
         self.mode = mode
@@ -216,10 +218,10 @@ class TileSampler:
                 raise ValueError("tiles: labelled_mask has no labelled voxel to sample around")
         # allowed range of output-tile starts per axis
         self._lo = tuple(
-            min(0, s - o) for s, o in zip(self.shape_zyx, self.output_zyx, strict=True)
+            min(0, s - o) for s, o in zip(self.shape_zyx, self.output_tile, strict=True)
         )
         self._hi = tuple(
-            max(0, s - o) for s, o in zip(self.shape_zyx, self.output_zyx, strict=True)
+            max(0, s - o) for s, o in zip(self.shape_zyx, self.output_tile, strict=True)
         )
         self.rng = np.random.default_rng(seed)
         self._table: np.ndarray | None = None
@@ -239,16 +241,16 @@ class TileSampler:
         flat = self._labelled_flat[int(rng.integers(self._labelled_flat.size))]
         voxel = np.unravel_index(flat, self.shape_zyx)
         start = []
-        for v, o, a, b in zip(voxel, self.output_zyx, self._lo, self._hi, strict=True):
+        for v, o, a, b in zip(voxel, self.output_tile, self._lo, self._hi, strict=True):
             s = int(v) - int(rng.integers(o))  # tile [s, s + o) contains v
             start.append(min(max(s, a), b))  # clipping keeps v inside (see class docstring)
         return tuple(start)
 
-    def input_start(self, out_start: Sequence[int]) -> tuple[int, ...]:
+    def input_start(self, output_start: Sequence[int]) -> tuple[int, ...]:
         """Input-tile start for an output-tile start (see :func:`input_start`)."""
-        return input_start(out_start, self.input_zyx, self.output_zyx)
+        return input_start(output_start, self.input_tile, self.output_tile)
 
-    def labelled_fraction(self, out_start: Sequence[int]) -> float:
+    def labelled_fraction(self, output_start: Sequence[int]) -> float:
         """Fraction of the output crop's voxels that are annotated (outside the volume counts 0)."""
         if self.labelled_mask is None:
             raise ValueError("tiles: labelled_fraction needs a labelled_mask")
@@ -257,17 +259,17 @@ class TileSampler:
             for axis in range(table.ndim):
                 table = np.cumsum(table, axis=axis)
             self._table = np.pad(table, [(1, 0)] * table.ndim)
-        lo = [min(max(int(s), 0), n) for s, n in zip(out_start, self.shape_zyx, strict=True)]
+        lo = [min(max(int(s), 0), n) for s, n in zip(output_start, self.shape_zyx, strict=True)]
         hi = [
             min(max(int(s) + o, 0), n)
-            for s, o, n in zip(out_start, self.output_zyx, self.shape_zyx, strict=True)
+            for s, o, n in zip(output_start, self.output_tile, self.shape_zyx, strict=True)
         ]
         total = 0
         for corner in itertools.product((0, 1), repeat=len(lo)):
             index = tuple(h if c else low for c, low, h in zip(corner, lo, hi, strict=True))
             sign = (-1) ** (len(lo) - sum(corner))
             total += sign * int(self._table[index])
-        return total / float(np.prod(self.output_zyx))
+        return total / float(np.prod(self.output_tile))
 
 
 def labelled_yield(sampler: TileSampler, n: int, rng: np.random.Generator | None = None) -> float:

@@ -175,6 +175,7 @@ class RandPaperDeformd(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.label_keys = tuple(label_keys)
+        # spatial_size / label_spatial_size: MONAI's names for the input tile / output tile
         self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
         self.label_spatial_size = (
             None if label_spatial_size is None else tuple(int(s) for s in label_spatial_size)

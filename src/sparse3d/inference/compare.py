@@ -32,7 +32,7 @@ def bn_mode_iou(
         image: raw image, normalised as in training.
         reference: ``(Z, Y, X)`` labels; voxels equal to ``meta.ignore_index`` are not counted.
         modes: BN modes to compare (``"recalibrate"``, ``"batch"``, ``"running"``).
-        predictor_kwargs: further :class:`Predictor` arguments (e.g. ``tile_zyx`` to force a
+        predictor_kwargs: further :class:`Predictor` arguments (e.g. ``input_tile`` to force a
             tiling, ``precision``).
 
     Returns:

@@ -76,7 +76,7 @@ def predict_file(
                 labels_src, image_src = _predict_in_memory(predictor, vol, result, prob_dtype, pct)
             report = predictor.last_report
             assert report is not None
-            result._file.attrs["tile_zyx"] = list(report.tile_zyx)
+            result._file.attrs["input_tile"] = list(report.input_tile)
             result._file.attrs["bn_mode"] = report.bn_mode
             _write_extras(
                 report, vol, labels_src, image_src, labels_spec, tiff_path, png_path, overwrite
@@ -178,11 +178,11 @@ def _needs_streaming(predictor: Predictor, channels: int, shape, probabilities: 
         held += n * k * np.dtype(predictor.probabilities_dtype).itemsize
     if predictor.net.geometry.padding != "valid":
         held += n * 4 * (k + 1)  # blending accumulators
-    tile = predictor.plan(shape).plan.tile_zyx
+    input_tile = predictor.plan(shape).plan.input_tile
     return needs_streaming(
         held,
-        float(predictor.profile.peak_bytes(tile, predictor.bytes_per_value)),
-        float(predictor.profile.host_bytes(tile)) * predictor.batch_size,
+        float(predictor.profile.peak_bytes(input_tile, predictor.bytes_per_value)),
+        float(predictor.profile.host_bytes(input_tile)) * predictor.batch_size,
         predictor.device,
         predictor.host_budget_bytes(),
     )

@@ -196,13 +196,13 @@ class NetProfile:
         m = self._models[tid]
         return m.const * m.axis_factor(0, nz) * m.axis_factor(1, ny) * m.axis_factor(2, nx)
 
-    def peak_bytes(self, tile_zyx, bytes_per_value: int = 4) -> np.ndarray | float:
+    def peak_bytes(self, input_tile, bytes_per_value: int = 4) -> np.ndarray | float:
         """Estimated peak memory of one tile (or arrays of tiles) in bytes.
 
         Live activations of the traced pass, scaled by ``bytes_per_value / 4``, plus the input
         tile (float32) and the output logits on the host, times :data:`SAFETY`.
         """
-        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in input_tile)
         live = np.zeros(np.broadcast(nz, ny, nx).shape)
         peak = live.copy()
         sizes: dict[int, np.ndarray] = {}
@@ -222,17 +222,17 @@ class NetProfile:
         host_in = 4.0 * self.in_channels * nz * ny * nx
         return host_in + 4.0 * self.num_classes * self._out(nz) * self._out(ny) * self._out(nx)
 
-    def host_bytes(self, tile_zyx) -> np.ndarray | float:
+    def host_bytes(self, input_tile) -> np.ndarray | float:
         """Host memory of one tile (or arrays of tiles) outside the pass itself: the input tile
         and the output logits, float32, times :data:`SAFETY` (part of :meth:`peak_bytes`)."""
-        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in input_tile)
         total = SAFETY * self._host(nz, ny, nx)
         return float(total) if np.ndim(total) == 0 else total
 
-    def max_elements(self, tile_zyx) -> np.ndarray | float:
+    def max_elements(self, input_tile) -> np.ndarray | float:
         """Elements of the largest tensor of a pass over one tile (or arrays of tiles), batch
         of one (see :data:`MAX_TENSOR_ELEMENTS`)."""
-        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+        nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in input_tile)
         top = np.zeros(np.broadcast(nz, ny, nx).shape)
         for m in self._models.values():
             n = m.const / m.itemsize * m.axis_factor(0, nz) * m.axis_factor(1, ny)
@@ -243,9 +243,9 @@ class NetProfile:
         flat = [self.geometry.output_size(int(v)) or 0 for v in np.ravel(n)]
         return np.reshape(np.asarray(flat, dtype=np.float64), np.shape(n))
 
-    def macs(self, tile_zyx) -> float:
+    def macs(self, input_tile) -> float:
         """Multiply-accumulates of one pass over a tile ``(nz, ny, nx)``."""
-        return self.grid_macs([[int(n)] for n in tile_zyx])
+        return self.grid_macs([[int(n)] for n in input_tile])
 
     def grid_macs(self, sizes_per_axis: Sequence[Sequence[int]]) -> float:
         """Multiply-accumulates of a tile grid whose tiles along axis ``a`` have the input sizes
@@ -391,14 +391,14 @@ def _ceil_legal(g, n: int) -> int:
 
 
 def axis_plans_for_tile(
-    shape_zyx: Sequence[int], tile_zyx: Sequence[int], net: UNet, overlap: float
+    shape_zyx: Sequence[int], input_tile: Sequence[int], net: UNet, overlap: float
 ) -> tuple[AxisPlan, AxisPlan, AxisPlan]:
     """Layout for an explicit input tile (validated by the network)."""
-    net.output_shape(tuple(int(n) for n in tile_zyx))  # ValueError names legal sizes
+    net.output_shape(tuple(int(n) for n in input_tile))  # ValueError names legal sizes
     g = net.geometry
     align = 2 ** (g.depth - 1)
     out = []
-    for length, n in zip(shape_zyx, tile_zyx, strict=True):
+    for length, n in zip(shape_zyx, input_tile, strict=True):
         if g.padding == "valid":
             out.append(valid_axis_plan(int(length), int(n), g.output_size, align))
         else:
@@ -422,7 +422,7 @@ def choose_plan(
     budget_bytes: float,
     bytes_per_value: int = 4,
     overlap: float = 0.25,
-    tile_zyx: Sequence[int] | None = None,
+    input_tile: Sequence[int] | None = None,
     tile_overhead_macs: float = 2e9,
     max_elements: float = MAX_TENSOR_ELEMENTS,
 ) -> PlanChoice:
@@ -430,26 +430,26 @@ def choose_plan(
 
     Candidates per axis are the balanced layouts for 1, 2, ... tiles (the smallest legal tile
     that covers the axis with that many tiles, so a tile is never much bigger than the padded
-    volume); all combinations are compared at once. With ``tile_zyx`` the layout of that input
+    volume); all combinations are compared at once. With ``input_tile`` the layout of that input
     tile is returned. If nothing fits, the layout of least memory is returned with
     ``fits=False``. ``tile_overhead_macs`` charges each tile a fixed cost (per-tile work
     outside the convolutions, about 30 ms on a 2-core CPU), so that of two layouts of nearly equal
     compute the one with fewer tiles wins. No tile's largest tensor may exceed ``max_elements``
-    (:data:`MAX_TENSOR_ELEMENTS`, whatever the budget); an explicit ``tile_zyx`` beyond it is a
+    (:data:`MAX_TENSOR_ELEMENTS`, whatever the budget); an explicit ``input_tile`` beyond it is a
     ValueError.
     """
     shape_zyx = tuple(int(n) for n in shape_zyx)
     padding = net.geometry.padding
-    if tile_zyx is not None:
-        axes = axis_plans_for_tile(shape_zyx, tile_zyx, net, overlap)
+    if input_tile is not None:
+        axes = axis_plans_for_tile(shape_zyx, input_tile, net, overlap)
         plan = TilePlan(shape_zyx, axes, padding)
-        elements = float(profile.max_elements(plan.tile_zyx))
+        elements = float(profile.max_elements(plan.input_tile))
         if elements > max_elements:
             raise ValueError(
-                f"tile {tuple(plan.tile_zyx)} makes a tensor of {elements:.3g} elements, more than "
+                f"tile {tuple(plan.input_tile)} makes a tensor of {elements:.3g} elements, more than "
                 f"the {max_elements:.0f} one tensor may have: choose a smaller tile"
             )
-        peak = float(profile.peak_bytes(plan.tile_zyx, bytes_per_value))
+        peak = float(profile.peak_bytes(plan.input_tile, bytes_per_value))
         macs = profile.grid_macs([a.in_sizes for a in axes])
         return PlanChoice(plan, peak, macs, budget_bytes, peak <= budget_bytes)
     cands = [_axis_candidates(n, net, overlap) for n in shape_zyx]
@@ -457,15 +457,15 @@ def choose_plan(
     grids = np.meshgrid(*[np.arange(len(c)) for c in cands], indexing="ij")
     idx = [g.ravel() for g in grids]
     first = [np.array([p.tiles[0].in_size for p in c], dtype=np.float64) for c in cands]
-    tile = [first[a][idx[a]] for a in range(3)]
-    peak = profile.peak_bytes(tile, bytes_per_value)
+    input_tile = [first[a][idx[a]] for a in range(3)]  # each candidate's largest input tile
+    peak = profile.peak_bytes(input_tile, bytes_per_value)
     peak = np.broadcast_to(peak, idx[0].shape)
     sums = [np.array([float(sum(p.in_sizes)) for p in c])[idx[a]] for a, c in enumerate(cands)]
     counts = [np.array([float(p.count) for p in c])[idx[a]] for a, c in enumerate(cands)]
     total = profile.grid_macs_from_sums(sums, counts)
     ntiles = counts[0] * counts[1] * counts[2]
     cost = total + tile_overhead_macs * ntiles + 1e-6 * ntiles
-    small = np.broadcast_to(profile.max_elements(tile) <= max_elements, idx[0].shape)
+    small = np.broadcast_to(profile.max_elements(input_tile) <= max_elements, idx[0].shape)
     ok = (peak <= budget_bytes) & small
     if ok.any():
         best = int(np.argmin(np.where(ok, cost, np.inf)))

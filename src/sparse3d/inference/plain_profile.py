@@ -21,8 +21,8 @@ from sparse3d.models import UNet
 SAFETY = 1.5
 
 
-def _volume(tile_zyx) -> np.ndarray | float:
-    nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in tile_zyx)
+def _volume(input_tile) -> np.ndarray | float:
+    nz, ny, nx = (np.asarray(v, dtype=np.float64) for v in input_tile)
     return nz * ny * nx
 
 
@@ -67,23 +67,23 @@ class PlainProfile:
                     total += per
         return total
 
-    def host_bytes(self, tile_zyx) -> np.ndarray | float:
+    def host_bytes(self, input_tile) -> np.ndarray | float:
         """Input tile and output logits on the host, float32, times :data:`SAFETY`."""
-        v = _volume(tile_zyx)
+        v = _volume(input_tile)
         return _out(SAFETY * 4.0 * (self.in_channels + self.num_classes) * v)
 
-    def peak_bytes(self, tile_zyx, bytes_per_value: int = 4) -> np.ndarray | float:
+    def peak_bytes(self, input_tile, bytes_per_value: int = 4) -> np.ndarray | float:
         """Estimated peak memory of one tile (or arrays of tiles) in bytes."""
-        v = _volume(tile_zyx)
+        v = _volume(input_tile)
         live = bytes_per_value * self._live_per_voxel * v
-        return _out(SAFETY * live + self.host_bytes(tile_zyx))
+        return _out(SAFETY * live + self.host_bytes(input_tile))
 
-    def max_elements(self, tile_zyx) -> np.ndarray | float:
+    def max_elements(self, input_tile) -> np.ndarray | float:
         """Elements of the largest tensor of a pass over one tile, batch of one."""
-        return _out(self._largest_per_voxel * _volume(tile_zyx))
+        return _out(self._largest_per_voxel * _volume(input_tile))
 
-    def macs(self, tile_zyx) -> float:
-        return float(self._macs_per_voxel * _volume(tile_zyx))
+    def macs(self, input_tile) -> float:
+        return float(self._macs_per_voxel * _volume(input_tile))
 
     def grid_macs(self, sizes_per_axis: Sequence[Sequence[int]]) -> float:
         """Compute of a tile grid with input sizes ``sizes_per_axis[a]`` along axis ``a``."""

@@ -72,7 +72,7 @@ class PredictionReport:
     """What a prediction did: layout, modes, memory estimate and timings."""
 
     shape_zyx: tuple[int, int, int]
-    tile_zyx: tuple[int, int, int]
+    input_tile: tuple[int, int, int]
     grid_zyx: tuple[int, int, int]
     num_tiles: int
     bn_mode: str
@@ -95,7 +95,7 @@ class Predictor:
     Args:
         net: trained 3D ``UNet`` (copied; the caller's network is never modified).
         meta: model meta (normalisation, class and channel names); None = no normalisation.
-        tile_zyx: explicit input tile (must be legal for the network); None = chosen from the
+        input_tile: explicit input tile (must be legal for the network); None = chosen from the
             memory budget.
         memory_budget_gb: memory one tile may use on the prediction device (activations,
             estimated by ``memory.NetProfile``); None = half of the free host memory (CPU) or
@@ -114,7 +114,7 @@ class Predictor:
         progress: show tqdm progress bars.
         memory_model: how tile memory is estimated: ``"traced"`` (the real pass traced on the
             meta device through a torch hook; exact) or ``"plain"`` (from the channel counts;
-            conservative, smaller tiles); see ``memory.net_profile``. An explicit ``tile_zyx``
+            conservative, smaller tiles); see ``memory.net_profile``. An explicit ``input_tile``
             needs neither to be right.
 
     On CPU the constructor sets ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for large
@@ -126,7 +126,7 @@ class Predictor:
         self,
         net: UNet,
         meta: ModelMeta | None = None,
-        tile_zyx: Sequence[int] | None = None,
+        input_tile: Sequence[int] | None = None,
         memory_budget_gb: float | None = None,
         precision: str = "auto",
         bn_mode: str = "recalibrate",
@@ -157,11 +157,11 @@ class Predictor:
             enable_cpu_huge_pages()
         self.bn_mode = bn_mode
         self.meta = meta
-        self.tile_zyx = None if tile_zyx is None else tuple(int(n) for n in tile_zyx)
-        if self.tile_zyx is not None:
-            if len(self.tile_zyx) != 3:
-                raise ValueError(f"tile_zyx must have 3 sizes, got {tile_zyx!r}")
-            net.output_shape(self.tile_zyx)  # ValueError naming the legal sizes
+        self.input_tile = None if input_tile is None else tuple(int(n) for n in input_tile)
+        if self.input_tile is not None:
+            if len(self.input_tile) != 3:
+                raise ValueError(f"input_tile must have 3 sizes, got {input_tile!r}")
+            net.output_shape(self.input_tile)  # ValueError naming the legal sizes
         self.memory_budget_gb = memory_budget_gb
         self.batch_size = int(batch_size)
         self.channels_last = True if channels_last is None else bool(channels_last)
@@ -195,10 +195,10 @@ class Predictor:
             return self.budget_bytes()
         return float(default_memory_budget(torch.device("cpu")))
 
-    def _batch_for(self, tile_zyx: Sequence[int], wanted: int) -> int:
+    def _batch_for(self, input_tile: Sequence[int], wanted: int) -> int:
         """Tiles per pass: ``wanted``, fewer if the batch would make a tensor of more than
         :data:`~sparse3d.inference.memory.MAX_TENSOR_ELEMENTS` elements."""
-        per_tile = max(float(self.profile.max_elements(tuple(tile_zyx))), 1.0)
+        per_tile = max(float(self.profile.max_elements(tuple(input_tile))), 1.0)
         return max(1, min(int(wanted), int(MAX_TENSOR_ELEMENTS // per_tile)))
 
     def _free_device_cache(self) -> None:
@@ -208,7 +208,7 @@ class Predictor:
             torch.cuda.empty_cache()
 
     def plan(self, shape_zyx: Sequence[int], auto: bool = False) -> PlanChoice:
-        """The tile layout used for a volume of ``shape_zyx`` (``auto``: ignore ``tile_zyx``,
+        """The tile layout used for a volume of ``shape_zyx`` (``auto``: ignore ``input_tile``,
         the largest tiles the memory budget allows)."""
         return choose_plan(
             self.profile,
@@ -217,7 +217,7 @@ class Predictor:
             self.budget_bytes(),
             self.bytes_per_value,
             self.overlap,
-            None if auto else self.tile_zyx,
+            None if auto else self.input_tile,
         )
 
     def _percentiles(self, image) -> np.ndarray | None:
@@ -237,7 +237,7 @@ class Predictor:
 
     # -- tiles -----------------------------------------------------------------------------------
     def _load(self, read: Reader, shape_zyx, tile: Tile, pct, where: str) -> np.ndarray:
-        x = read_mirrored(read, shape_zyx, tile.in_start_zyx, tile.in_shape_zyx)
+        x = read_mirrored(read, shape_zyx, tile.input_start, tile.input_tile)
         if pct is not None:
             x = apply_percentiles(x, pct)
         x = np.asarray(x, dtype=np.float32)
@@ -248,7 +248,7 @@ class Predictor:
     def _batches(self, tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
         groups: dict[tuple[int, ...], list[Tile]] = {}
         for t in tiles:
-            groups.setdefault(t.in_shape_zyx, []).append(t)
+            groups.setdefault(t.input_tile, []).append(t)
         for group in groups.values():
             for i in range(0, len(group), batch_size):
                 yield group[i : i + batch_size]
@@ -283,7 +283,7 @@ class Predictor:
         elif mode == "recalibrate":
             t0 = time.perf_counter()
             calib_plan = plan
-            if self.tile_zyx is not None:
+            if self.input_tile is not None:
                 auto = self.plan(plan.shape_zyx, auto=True)
                 if auto.fits and auto.plan.num_tiles < plan.num_tiles:
                     calib_plan = auto.plan
@@ -291,7 +291,7 @@ class Predictor:
             tiles = calib_plan.tiles
             bar = self._bar(len(tiles), "recalibrating BN")
 
-            calib_bs = self._batch_for(calib_plan.tile_zyx, self.batch_size)
+            calib_bs = self._batch_for(calib_plan.input_tile, self.batch_size)
 
             def batches() -> Iterator[torch.Tensor]:
                 for group in self._batches(tiles, calib_bs):
@@ -336,12 +336,12 @@ class Predictor:
             where,
             plan.num_tiles,
             "x".join(map(str, plan.grid_zyx)),
-            "x".join(map(str, plan.tile_zyx)),
+            "x".join(map(str, plan.input_tile)),
             format_bytes(choice.peak_bytes),
             format_bytes(choice.budget_bytes),
         )
         net, mode, calib_s = self._inference_net(plan, read, pct, where)
-        bs = 1 if mode == "batch" else self._batch_for(plan.tile_zyx, self.batch_size)
+        bs = 1 if mode == "batch" else self._batch_for(plan.input_tile, self.batch_size)
         tiles = plan.tiles
         autocast = autocast_context(self.device, self.precision)
         with self._bar(len(tiles), "predicting") as bar, torch.inference_mode():
@@ -360,7 +360,7 @@ class Predictor:
         sink.finish()
         self.last_report = PredictionReport(
             shape_zyx=tuple(shape_zyx),
-            tile_zyx=plan.tile_zyx,
+            input_tile=plan.input_tile,
             grid_zyx=plan.grid_zyx,
             num_tiles=plan.num_tiles,
             bn_mode=mode,

@@ -76,11 +76,13 @@ class Tile:
     axes: tuple[AxisTile, AxisTile, AxisTile]
 
     @property
-    def in_start_zyx(self) -> ZYX:
+    def input_start(self) -> ZYX:
+        """Where the tile's input window starts in the volume (may lie outside: mirrored)."""
         return tuple(a.in_start for a in self.axes)  # type: ignore[return-value]
 
     @property
-    def in_shape_zyx(self) -> ZYX:
+    def input_tile(self) -> ZYX:
+        """This tile's network input size (the last tile along an axis may be smaller)."""
         return tuple(a.in_size for a in self.axes)  # type: ignore[return-value]
 
     @property
@@ -124,7 +126,7 @@ class TilePlan:
         return math.prod(a.count for a in self.axes)
 
     @property
-    def tile_zyx(self) -> ZYX:
+    def input_tile(self) -> ZYX:
         """The largest input tile (the first along each axis)."""
         return tuple(a.tiles[0].in_size for a in self.axes)  # type: ignore[return-value]
 

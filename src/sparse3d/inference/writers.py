@@ -5,7 +5,7 @@ Result file layout (``format = "sparse3d-prediction"``, ``format_version`` 1)::
     /labels          uint8            (Z, Y, X)     arg-max class per voxel
     /probabilities   float16|float32  (K, Z, Y, X)  optional softmax per class
     root attributes: format, format_version, class_names, channel_names, voxel_size_zyx_um
-                     (if known), source, and how it was predicted (bn_mode, precision, tile_zyx)
+                     (if known), source, and how it was predicted (bn_mode, precision, input_tile)
 
 Every file is written under a temporary name in its folder and renamed when complete; an existing
 file is only replaced with ``overwrite=True``.
