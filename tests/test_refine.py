@@ -139,3 +139,27 @@ def test_slab_prediction_equals_one_pass():
     assert one.shape == (3, 37, 12, 10)
     np.testing.assert_allclose(one.sum(0), 1.0, atol=1e-5)
     np.testing.assert_allclose(slabs, one, atol=1e-5)
+
+
+def test_test_time_flips_average_the_flipped_passes():
+    """Each flipped pass is flipped back before averaging: the average equals the mean of the
+    passes computed by hand, and a net that is symmetric under the flips is left unchanged."""
+    from sparse3d.refine import TTA_FLIPS
+
+    torch.manual_seed(0)
+    net = UNet(2, 3, base_channels=2, depth=2, padding="same", norm="none").eval()
+    image = np.random.default_rng(1).random((2, 8, 12, 10), dtype=np.float32)
+    kw = {"multiple": 2, "halo": net.receptive_field, "max_voxels": 10**9}
+    tta = predict_same_padded(net, image, flips=TTA_FLIPS, **kw)
+    by_hand = np.mean(
+        [
+            np.flip(predict_same_padded(net, np.flip(image, a).copy(), **kw), a)
+            if a
+            else predict_same_padded(net, image, **kw)
+            for a in TTA_FLIPS
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(tta, by_hand, atol=1e-6)
+    assert np.abs(tta - predict_same_padded(net, image, **kw)).max() > 1e-4  # flips did matter
+    np.testing.assert_allclose(tta.sum(0), 1.0, atol=1e-5)

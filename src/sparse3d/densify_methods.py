@@ -145,7 +145,13 @@ def _refining_network(
     from sparse3d.callbacks import ProgressLog
     from sparse3d.data.normalize import normalize_volume
     from sparse3d.models import UNet
-    from sparse3d.refine import PlaneTiles, fit_tile, predict_same_padded, pseudo_labels
+    from sparse3d.refine import (
+        TTA_FLIPS,
+        PlaneTiles,
+        fit_tile,
+        predict_same_padded,
+        pseudo_labels,
+    )
     from sparse3d.refine_module import RefineModule, fit_refiner
 
     k, ign = spec.num_classes, spec.ignore_index
@@ -179,8 +185,14 @@ def _refining_network(
     )
     facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
     net.eval()
+    flips = TTA_FLIPS if refine_cfg.get("tta", False) else ((),)
     return predict_same_padded(
-        net, x, multiple, halo=net.receptive_field, max_voxels=int(refine_cfg.max_voxels_per_pass)
+        net,
+        x,
+        multiple,
+        halo=net.receptive_field,
+        max_voxels=int(refine_cfg.max_voxels_per_pass),
+        flips=flips,
     )
 
 

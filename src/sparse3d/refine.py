@@ -224,21 +224,32 @@ class PlaneTiles(IterableDataset):
             yield self._tile(rng)
 
 
+#: Test-time flips: the identity and one flip along each spatial axis of ``(C, Z, Y, X)``.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (3,))
+
+
 @torch.no_grad()
 def predict_same_padded(
-    net: torch.nn.Module, image: np.ndarray, multiple: int, halo: int, max_voxels: int
+    net: torch.nn.Module,
+    image: np.ndarray,
+    multiple: int,
+    halo: int,
+    max_voxels: int,
+    flips: Sequence[Sequence[int]] = ((),),
 ) -> np.ndarray:
     """Softmax ``(K, Z, Y, X)`` float32 of a same-padded network over ``image (C, Z, Y, X)``.
 
     The volume is reflected up to a multiple of the pooling factor and predicted in one pass,
     or, when that exceeds ``max_voxels``, in z slabs that overlap by ``halo`` voxels (rounded up
     to the pooling factor) on each side; only each slab's centre is kept, which equals the
-    one-pass result when ``halo`` covers the network's receptive field.
+    one-pass result when ``halo`` covers the network's receptive field. ``flips``: the image
+    axes flipped in each pass (test-time augmentation, e.g. :data:`TTA_FLIPS`); the softmax
+    volumes, flipped back, are averaged.
     """
     dev = next(net.parameters()).device
     c, z, y, x = image.shape
 
-    def run(block: np.ndarray) -> np.ndarray:
+    def one(block: np.ndarray) -> np.ndarray:
         pads = [(0, (-n) % multiple) for n in block.shape[1:]]
         padded = (
             np.pad(block, [(0, 0), *pads], mode="reflect") if any(p[1] for p in pads) else block
@@ -247,6 +258,16 @@ def predict_same_padded(
         t = t.contiguous(memory_format=torch.channels_last_3d)
         prob = torch.softmax(net(t)[0].float(), 0).cpu().numpy()
         return prob[:, : block.shape[1], : block.shape[2], : block.shape[3]]
+
+    def run(block: np.ndarray) -> np.ndarray:
+        total = None
+        for axes in flips:
+            axes = tuple(int(a) for a in axes)
+            p = one(np.flip(block, axes)) if axes else one(block)
+            p = np.flip(p, axes) if axes else p  # probabilities (K, ...) share the image's axes
+            total = p.copy() if total is None else total + p
+        assert total is not None, "flips must hold at least one entry"
+        return total / len(flips)
 
     if z * y * x <= max_voxels:
         return run(image)
