@@ -9,7 +9,6 @@ prediction (those given). Uses matplotlib's Agg backend; files are written atomi
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from sparse3d.atomic import atomic_path
 from sparse3d.labels import LabelSpec  # noqa: E402
 
 #: Width and height of one block in inches; the PNG is ``(BLOCK_W_IN * n_blocks * DPI,
@@ -234,42 +234,8 @@ def save_overview(
         1, len(blocks), left=0.02, right=0.98, top=0.86, bottom=0.08, wspace=0.12
     )
     unit = "µm" if voxel_size_zyx_um is not None else "vox"
-    for b, (bname, (xy, zy, xz)) in enumerate(blocks):
-        gs = outer[0, b].subgridspec(
-            2,
-            2,
-            width_ratios=[ext_x, ext_z],
-            height_ratios=[ext_y, ext_z],
-            wspace=0.04,
-            hspace=0.04,
-        )
-        a_xy = fig.add_subplot(gs[0, 0])
-        a_zy = fig.add_subplot(gs[0, 1])
-        a_xz = fig.add_subplot(gs[1, 0])
-        # extents (left, right, bottom, top) in physical units; row 0 at the top
-        a_xy.imshow(xy, extent=(0, ext_x, ext_y, 0), interpolation="nearest")
-        a_zy.imshow(zy, extent=(0, ext_z, ext_y, 0), interpolation="nearest")
-        a_xz.imshow(xz, extent=(0, ext_x, ext_z, 0), interpolation="nearest")
-        cz, cy, cx = ((pos[0] + 0.5) * vz, (pos[1] + 0.5) * vy, (pos[2] + 0.5) * vx)
-        line = {"color": "w", "lw": 0.5, "alpha": 0.5}
-        a_xy.axhline(cy, **line)
-        a_xy.axvline(cx, **line)
-        a_zy.axhline(cy, **line)
-        a_zy.axvline(cz, **line)
-        a_xz.axhline(cz, **line)
-        a_xz.axvline(cx, **line)
-        for ax in (a_xy, a_zy, a_xz):
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        a_xy.set_anchor("SE")
-        a_zy.set_anchor("SW")
-        a_xz.set_anchor("NE")
-        a_xy.set_title(f"{bname}: xy z={pos[0]}", fontsize=8, loc="left")
-        a_zy.set_title(f"zy x={pos[2]}", fontsize=7, loc="left")
-        a_xz.set_xlabel(f"xz y={pos[1]}  ({ext_x:.0f}×{ext_y:.0f}×{ext_z:.0f} {unit})", fontsize=7)
-        legend_ax = fig.add_subplot(gs[1, 1])
-        legend_ax.axis("off")
+    extents = (ext_z, ext_y, ext_x)
+    for b, (bname, views) in enumerate(blocks):
         if b == 0:
             names = list(channel_names or [f"ch{i}" for i in range(n_ch)])[:n_ch]
             handles = [Patch(color=tuple(colors[i])[:3], label=names[i]) for i in range(n_ch)]
@@ -278,15 +244,49 @@ def save_overview(
                 Patch(color=tuple(ccols[c, :3]), label=labels.class_names[c])
                 for c in range(labels.num_classes)
             ]
-        legend_ax.legend(handles=handles, loc="center", fontsize=6, frameon=False)
+        _draw_block(fig, outer[0, b], bname, views, pos, (vz, vy, vx), extents, unit, handles)
     if title:
         fig.suptitle(title, fontsize=10)
 
-    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png"
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
+
+
+def _draw_block(fig, cell, name, views, pos, voxel_zyx, extents_zyx, unit, handles) -> None:
+    """One block of the overview in grid cell ``cell``: the xy, zy and xz planes through
+    ``pos`` (drawn to scale, physical ``extents_zyx``) and a legend of ``handles``."""
+    xy, zy, xz = views
+    vz, vy, vx = voxel_zyx
+    ext_z, ext_y, ext_x = extents_zyx
+    gs = cell.subgridspec(
+        2, 2, width_ratios=[ext_x, ext_z], height_ratios=[ext_y, ext_z], wspace=0.04, hspace=0.04
+    )
+    a_xy = fig.add_subplot(gs[0, 0])
+    a_zy = fig.add_subplot(gs[0, 1])
+    a_xz = fig.add_subplot(gs[1, 0])
+    # extents (left, right, bottom, top) in physical units; row 0 at the top
+    a_xy.imshow(xy, extent=(0, ext_x, ext_y, 0), interpolation="nearest")
+    a_zy.imshow(zy, extent=(0, ext_z, ext_y, 0), interpolation="nearest")
+    a_xz.imshow(xz, extent=(0, ext_x, ext_z, 0), interpolation="nearest")
+    cz, cy, cx = ((pos[0] + 0.5) * vz, (pos[1] + 0.5) * vy, (pos[2] + 0.5) * vx)
+    line = {"color": "w", "lw": 0.5, "alpha": 0.5}
+    a_xy.axhline(cy, **line)
+    a_xy.axvline(cx, **line)
+    a_zy.axhline(cy, **line)
+    a_zy.axvline(cz, **line)
+    a_xz.axhline(cz, **line)
+    a_xz.axvline(cx, **line)
+    for ax in (a_xy, a_zy, a_xz):
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    a_xy.set_anchor("SE")
+    a_zy.set_anchor("SW")
+    a_xz.set_anchor("NE")
+    a_xy.set_title(f"{name}: xy z={pos[0]}", fontsize=8, loc="left")
+    a_zy.set_title(f"zy x={pos[2]}", fontsize=7, loc="left")
+    a_xz.set_xlabel(f"xz y={pos[1]}  ({ext_x:.0f}×{ext_y:.0f}×{ext_z:.0f} {unit})", fontsize=7)
+    legend_ax = fig.add_subplot(gs[1, 1])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", fontsize=6, frameon=False)
