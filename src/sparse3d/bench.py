@@ -1,7 +1,7 @@
 """Development benchmark of the semi-automated use: ``python -m sparse3d.bench`` (layer 3).
 
     python -m sparse3d.bench densify [--cases mni_tissue,stardist_nuclei,...] [--k 1,2,3,5]
-        [--method rf:method=rf] [--method unet:] [--out bench_runs] [--table FILE] [--force]
+        [--method rf:method=rf] [--method refine:] [--out bench_runs] [--table FILE] [--force]
     python -m sparse3d.bench table [--out bench_runs] [--table FILE]
 
 Every case of :mod:`sparse3d.data.realcases` (public volumes with a dense truth, and the
@@ -14,7 +14,7 @@ densifies it in its own process::
 
 ``--method LABEL:OVERRIDES`` names a variant: OVERRIDES are space-separated Hydra overrides
 handed to densify (``--method "w_none:loss.class_weights=null"``); the default methods are
-``rf:method=rf`` and ``unet:`` (densify's defaults). Each run's wall time, peak resident memory
+``rf:method=rf`` and ``refine:`` (densify's defaults, method=refine). Each run's wall time, peak resident memory
 (of the child and its descendants, from ``os.wait4``) and its IoU on the voxels nobody annotated
 and on all voxels are appended as one JSON line to ``<out>/results.jsonl`` as soon as it ends.
 A run already recorded as finished (same case, k, label and overrides) is skipped unless
@@ -84,7 +84,7 @@ __all__ = [
     "write_table",
 ]
 
-DEFAULT_METHODS = ("rf:method=rf", "unet:")
+DEFAULT_METHODS = ("rf:method=rf", "refine:")
 DEFAULT_KS = (1, 2, 3, 5)
 TABLE = "bench_densify.md"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -105,7 +105,7 @@ def parse_method(spec: str) -> tuple[str, str]:
     if not sep or not _LABEL_RE.match(label):
         raise BenchError(
             f"--method {spec!r}: expected LABEL:OVERRIDES with a label of letters, digits, "
-            "'_', '-', '.', '+' (e.g. rf:method=rf, or unet: for densify's defaults)"
+            "'_', '-', '.', '+' (e.g. rf:method=rf, or refine: for densify's defaults)"
         )
     try:
         tokens = shlex.split(overrides)
