@@ -16,7 +16,7 @@ IoU summaries have one schema (:func:`sparse3d.metrics.iou_summary`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,24 @@ def predict_labels(net: UNet, image: np.ndarray) -> np.ndarray:
     """``image (C, Z, Y, X)`` (already normalised) -> labels ``(Z, Y, X)`` uint8.
 
     Runs on the device of ``net``'s parameters; ``net`` itself is not modified."""
+    return labeller(net)(image)
+
+
+def labeller(net: UNet) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`predict_labels` for many volumes: the predictor (a copy of ``net`` and its memory
+    model) is built once."""
     if net.dim == 2:
-        return predict_volume_2d(net, image)
+        return lambda image: predict_volume_2d(net, image)
     from sparse3d.inference import Predictor
 
     device = next(net.parameters()).device
     predictor = Predictor(net, None, precision="fp32", device=device, progress=False)
-    labels, _ = predictor.predict_array(np.asarray(image, dtype=np.float32), normalize=False)
-    return labels
+
+    def label(image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image, dtype=np.float32)
+        return predictor.predict_array(image, normalize=False)[0]
+
+    return label
 
 
 def _reflect_pad(x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
@@ -146,8 +156,9 @@ def evaluate_volumes(
     """
     total: dict[str, np.ndarray | None] = dict.fromkeys(VOXEL_SETS)
     predictions = {}
+    label = labeller(net) if volumes else None
     for vol in volumes:
-        pred = predict_labels(net, vol.image)
+        pred = label(vol.image)
         refs = {
             "heldout": vol.eval_label,
             "heldout_all": vol.eval_label if vol.eval_label_all is None else vol.eval_label_all,
