@@ -128,6 +128,63 @@ def test_plane_tiles_pad_thin_volumes_with_ignore_and_show_annotation():
         PlaneTiles(image, np.full(shape, ign, np.uint8), pseudo, ign, (8, 16, 16))
 
 
+def test_plane_tiles_flip_only_the_chosen_axes():
+    """With ``flip_axes=("x",)`` no tile is ever flipped along z or y, some are along x; with
+    ``()`` none is; an unknown axis is refused."""
+    ign = 3
+    shape = (8, 16, 16)
+    # the image is its own coordinates: a flip along an axis reverses that coordinate channel
+    zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    image = np.stack([zz, yy, xx])
+    label = np.full(shape, ign, np.uint8)
+    label[4] = 1
+    pseudo = np.full(shape, ign, np.uint8)
+
+    def flipped(tiles: PlaneTiles, n: int = 40) -> set[int]:
+        seen: set[int] = set()
+        it = iter(tiles)
+        for _ in range(n):
+            img = next(it)["image"]
+            for axis in range(3):
+                coord = img[axis].movedim(axis, 0)  # increasing along its own axis unless flipped
+                if coord[-1].mean() < coord[0].mean():
+                    seen.add(axis)
+        return seen
+
+    assert flipped(PlaneTiles(image, label, pseudo, ign, shape, flip_axes=("x",))) == {2}
+    assert flipped(PlaneTiles(image, label, pseudo, ign, shape, flip_axes=())) == set()
+    assert flipped(PlaneTiles(image, label, pseudo, ign, shape)) == {0, 1, 2}
+    with pytest.raises(ValueError, match="flip_axes"):
+        PlaneTiles(image, label, pseudo, ign, shape, flip_axes=("w",))
+
+
+def test_class_centre_sampling_shows_a_rare_class_as_often_as_a_common_one():
+    """Four annotated voxels of class 2 among 1,024 of class 0: drawn about 0.4 % of the time
+    voxel by voxel, about half the time class by class; pseudo-labels are grouped alike."""
+    ign = 3
+    shape = (8, 16, 16)
+    image = np.zeros((1, *shape), np.float32)
+    label = np.full(shape, ign, np.uint8)
+    label[4] = 0
+    label[4, :2, :2] = 2
+    pseudo = np.full(shape, ign, np.uint8)
+    pseudo[1, :1, :3] = 1
+    pseudo[6] = 0
+
+    def rare_share(sampling: str, use_pseudo: bool) -> float:
+        tiles = PlaneTiles(image, label, pseudo, ign, shape, centre_sampling=sampling)
+        rng = np.random.default_rng(0)
+        centres = [tiles._draw(rng, use_pseudo) for _ in range(2000)]
+        codes = (tiles.pseudo if use_pseudo else tiles.label).numpy()
+        return float(np.mean([codes[tuple(c)] != 0 for c in centres]))
+
+    assert rare_share("voxel", False) < 0.02
+    assert 0.45 < rare_share("class", False) < 0.55
+    assert 0.45 < rare_share("class", True) < 0.55
+    with pytest.raises(ValueError, match="centre_sampling"):
+        PlaneTiles(image, label, pseudo, ign, shape, centre_sampling="balanced")
+
+
 def test_slab_prediction_equals_one_pass():
     torch.manual_seed(0)
     net = UNet(2, 3, base_channels=2, depth=2, padding="same", norm="none").eval()

@@ -142,6 +142,7 @@ def _refining_network(
     and adds its steps and seconds to ``facts``."""
     import torch
 
+    from sparse3d.axes import AXES
     from sparse3d.callbacks import ProgressLog
     from sparse3d.data.normalize import normalize_volume
     from sparse3d.models import UNet
@@ -169,7 +170,16 @@ def _refining_network(
     )
     multiple = 2 ** (int(refine_cfg.depth) - 1)
     input_tile = fit_tile(tuple(refine_cfg.input_tile), label.shape, multiple)
-    tiles = PlaneTiles(x, label, pseudo, ign, input_tile, seed=int(refine_cfg.seed))
+    tiles = PlaneTiles(
+        x,
+        label,
+        pseudo,
+        ign,
+        input_tile,
+        seed=int(refine_cfg.seed),
+        flip_axes=tuple(refine_cfg.get("flip_axes", AXES)),
+        centre_sampling=str(refine_cfg.get("centre_sampling", "voxel")),
+    )
     module = RefineModule(
         net,
         k,

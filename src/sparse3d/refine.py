@@ -160,8 +160,12 @@ class PlaneTiles(IterableDataset):
     Each tile is centred (with jitter of a quarter tile) on a voxel drawn at random from the
     annotated ones with probability ``1 - pseudo_fraction``, else from the pseudo-labelled
     ones, so the sparse truth is always in view while the network also sees the rest of the
-    volume. Tiles are flipped at random along each axis (flips keep class identity; set
-    ``flips=False`` for data where left and right differ in meaning). Volumes thinner than the
+    volume. ``centre_sampling="class"`` draws the centre's class first, uniformly among the
+    classes of that pool, then a voxel of it, so a class with a few hundred annotated voxels is
+    in view as often as the background (``"voxel"``: every voxel of the pool equally likely,
+    rare classes seldom seen). Tiles are flipped at random along each axis of ``flip_axes`` (a subset of ``"zyx"``;
+    flips keep class identity, but make an upside-down or mirrored volume look as likely as the
+    real one: leave out the axes along which the anatomy is not symmetric). Volumes thinner than the
     tile are padded by reflection, the label with ``ignore_index``.
 
     Yields dicts with ``image (C, *tile)`` float32, ``label (*tile)`` and ``pseudo (*tile)``
@@ -177,7 +181,8 @@ class PlaneTiles(IterableDataset):
         input_tile: Sequence[int],
         seed: int = 0,
         pseudo_fraction: float = 0.5,
-        flips: bool = True,
+        flip_axes: Sequence[str] = AXES,
+        centre_sampling: str = "voxel",
     ) -> None:
         super().__init__()
         need = [max(0, int(t) - int(s)) for t, s in zip(input_tile, label.shape, strict=True)]
@@ -194,16 +199,39 @@ class PlaneTiles(IterableDataset):
         self.input_tile = tuple(int(t) for t in input_tile)
         self.seed = int(seed)
         self.pseudo_fraction = float(pseudo_fraction)
-        self.flips = bool(flips)
+        unknown = set(flip_axes) - set(AXES)
+        if unknown:
+            raise ValueError(f"flip_axes must be among {AXES}, got {list(flip_axes)}")
+        self.flip_dims = tuple(AXES.index(a) for a in AXES if a in set(flip_axes))
+        if centre_sampling not in ("voxel", "class"):
+            raise ValueError(f"centre_sampling must be 'voxel' or 'class', got {centre_sampling!r}")
+        self.centre_sampling = centre_sampling
         self.centres = np.argwhere(self.label.numpy() != ignore_index)
         self.pseudo_centres = np.argwhere(self.pseudo.numpy() != ignore_index)
         if len(self.centres) == 0:
             raise ValueError("no annotated voxel to train on")
+        self.by_class = self._group(self.centres, self.label.numpy())
+        self.pseudo_by_class = self._group(self.pseudo_centres, self.pseudo.numpy())
+
+    @staticmethod
+    def _group(centres: np.ndarray, codes: np.ndarray) -> list[np.ndarray]:
+        """``centres (N, 3)`` split by their class in ``codes``, one array per class present."""
+        if len(centres) == 0:
+            return []
+        cls = codes[tuple(centres.T)]
+        return [centres[cls == c] for c in np.unique(cls)]
+
+    def _draw(self, rng: np.random.Generator, use_pseudo: bool) -> np.ndarray:
+        if self.centre_sampling == "class":
+            groups = self.pseudo_by_class if use_pseudo else self.by_class
+            pool = groups[rng.integers(len(groups))]
+        else:
+            pool = self.pseudo_centres if use_pseudo else self.centres
+        return pool[rng.integers(len(pool))]
 
     def _tile(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         use_pseudo = len(self.pseudo_centres) > 0 and rng.random() < self.pseudo_fraction
-        pool = self.pseudo_centres if use_pseudo else self.centres
-        centre = pool[rng.integers(len(pool))]
+        centre = self._draw(rng, use_pseudo)
         shape = self.label.shape
         start = []
         for c, t, n in zip(centre, self.input_tile, shape, strict=True):
@@ -211,10 +239,9 @@ class PlaneTiles(IterableDataset):
             start.append(int(np.clip(c - t // 2 + jitter, 0, n - t)))
         box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
         image, label, pseudo = self.image[(slice(None), *box)], self.label[box], self.pseudo[box]
-        if self.flips:
-            for axis in range(3):
-                if rng.random() < 0.5:
-                    image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
+        for axis in range(3):
+            if rng.random() < 0.5 and axis in self.flip_dims:  # one draw per axis, always
+                image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
         return {"image": image.contiguous(), "label": label.contiguous(), "pseudo": pseudo}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
