@@ -220,3 +220,23 @@ def test_test_time_flips_average_the_flipped_passes():
     np.testing.assert_allclose(tta, by_hand, atol=1e-6)
     assert np.abs(tta - predict_same_padded(net, image, **kw)).max() > 1e-4  # flips did matter
     np.testing.assert_allclose(tta.sum(0), 1.0, atol=1e-5)
+
+
+def test_refine_class_weights_from_the_annotated_voxels():
+    """Balanced: inverse frequency of the annotated voxels, mean 1 over the present classes, 0
+    for an absent one; sqrt: the square root, renormalised; unlabelled voxels do not count."""
+    from sparse3d.densify_methods import refine_class_weights
+
+    ign = 3
+    label = np.full((4, 10, 10), ign, np.uint8)
+    label[0] = 0  # 100 voxels of class 0
+    label[1, :1, :] = 1  # 10 of class 1, none of class 2
+    assert refine_class_weights(label, 3, None) is None
+    balanced = refine_class_weights(label, 3, "balanced")
+    np.testing.assert_allclose(balanced, [2 / 11, 20 / 11, 0.0])
+    sqrt = np.sqrt([1 / 100, 1 / 10])
+    np.testing.assert_allclose(
+        refine_class_weights(label, 3, "sqrt"), [*(2 * sqrt / sqrt.sum()), 0]
+    )
+    with pytest.raises(ValueError, match="class_weights"):
+        refine_class_weights(label, 3, "inverse")

@@ -126,6 +126,26 @@ def _stacked_forests(
     )
 
 
+def refine_class_weights(
+    label: np.ndarray, num_classes: int, kind: str | None
+) -> tuple[float, ...] | None:
+    """Class weights of the refining network's loss from the annotated voxels of ``label``:
+    None (all 1), ``"balanced"`` (inverse frequency, mean 1) or ``"sqrt"`` (its square root,
+    mean 1: rare classes count more, a thin rare class is not blown up as much)."""
+    from sparse3d.losses import balanced_class_weights
+
+    if kind is None:
+        return None
+    if kind not in ("balanced", "sqrt"):
+        raise ValueError(f"refine.class_weights must be null, balanced or sqrt, got {kind!r}")
+    counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
+    w = np.asarray(balanced_class_weights(counts))
+    if kind == "sqrt":
+        w = np.sqrt(w)
+        w *= (w > 0).sum() / w.sum()
+    return tuple(float(v) for v in w)
+
+
 def _refining_network(
     image: np.ndarray,
     label: np.ndarray,
@@ -188,6 +208,7 @@ def _refining_network(
         lr=float(refine_cfg.lr),
         max_steps=int(refine_cfg.max_steps),
         time_budget_s=None if refine_cfg.time_budget_s is None else float(refine_cfg.time_budget_s),
+        class_weights=refine_class_weights(label, k, refine_cfg.get("class_weights")),
     )
     callbacks = [] if progress_bar else [ProgressLog()]  # log lines when piped
     fit = fit_refiner(
