@@ -283,3 +283,32 @@ def test_densify_refine_finishes_with_any_number_of_classes(num_classes, tmp_pat
         pred = f["labels"][...]
     assert set(np.unique(pred).tolist()) <= set(range(num_classes))
     assert entry["all_voxels"]["mean"] > 0.7
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ({"refine.class_weights": "inverse"}, "refine.class_weights"),
+        ({"refine.centre_sampling": "balanced"}, "refine.centre_sampling"),
+        ({"refine.flip_axes": "[w]"}, "refine.flip_axes"),
+    ],
+)
+def test_densify_refine_bad_option_is_one_line_before_any_work(option, needle, h5_input, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=needle) as err:
+        densify(_cfg(out, inputs=f"[{h5_input}]", **{**REFINE, **option}))
+    assert "\n" not in str(err.value)
+    assert not (out / "densify.json").exists() and not list(out.glob("*_seg.h5"))
+
+
+def test_densify_refine_with_class_centres_weights_and_one_flip_axis(h5_input, tmp_path):
+    """The non-default refine options run end to end and still find the ball."""
+    options = {
+        "refine.class_weights": "sqrt",
+        "refine.centre_sampling": "class",
+        "refine.flip_axes": "[x]",
+    }
+    summary = densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", **{**REFINE, **options}))
+    assert summary["refine"]["centre_sampling"] == "class"
+    assert summary["steps"]["ball"]["steps"] == 4
+    assert summary["volumes"]["ball"]["unannotated"]["mean"] > 0.85

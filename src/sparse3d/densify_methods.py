@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sparse3d.cli import quiet_lightning
+from sparse3d.cli import UserError, quiet_lightning
 from sparse3d.densify_results import write_result
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def _forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override:
     return RandomForestSegmenter(num_classes, ignore_index, **kwargs)
 
 
-def _stacked_forests(
+def stacked_forests(
     vol: VolumeArrays,
     image: np.ndarray,
     label: np.ndarray,
@@ -126,6 +126,21 @@ def _stacked_forests(
     )
 
 
+def check_refine_options(refine_cfg: DictConfig) -> None:
+    """The refine options that name a choice, checked before any work: one ``UserError`` line."""
+    from sparse3d.axes import AXES
+
+    weights = refine_cfg.get("class_weights")
+    if weights not in (None, "balanced", "sqrt"):
+        raise UserError(f"refine.class_weights must be null, balanced or sqrt, got {weights!r}")
+    sampling = refine_cfg.get("centre_sampling", "voxel")
+    if sampling not in ("voxel", "class"):
+        raise UserError(f"refine.centre_sampling must be voxel or class, got {sampling!r}")
+    flips = refine_cfg.get("flip_axes", list(AXES))
+    if isinstance(flips, str) or not set(flips) <= set(AXES):
+        raise UserError(f"refine.flip_axes must be a list of z, y, x (or []), got {flips}")
+
+
 def refine_class_weights(
     label: np.ndarray, num_classes: int, kind: str | None
 ) -> tuple[float, ...] | None:
@@ -146,7 +161,7 @@ def refine_class_weights(
     return tuple(float(v) for v in w)
 
 
-def _refining_network(
+def refining_network(
     image: np.ndarray,
     label: np.ndarray,
     full: np.ndarray,
@@ -238,11 +253,11 @@ def refine_probabilities(
     image = np.asarray(vol.image, dtype=np.float32)
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
-    full, crossfit = _stacked_forests(vol, image, label, rf_cfg, refine_cfg)
+    full, crossfit = stacked_forests(vol, image, label, rf_cfg, refine_cfg)
     facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
     if int(refine_cfg.max_steps) <= 0:
         return full, facts
-    probs = _refining_network(
+    probs = refining_network(
         image, label, full, crossfit, vol.meta.labels, refine_cfg, progress_bar, facts
     )
     w = float(refine_cfg.forest_weight)
@@ -254,6 +269,7 @@ def refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
     import sys
 
     quiet_lightning()
+    check_refine_options(cfg.refine)
     summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
     summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
     summary["steps"] = {}
