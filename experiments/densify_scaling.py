@@ -23,6 +23,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from sparse3d import bench
     from sparse3d.data import realcases
+    from sparse3d.metrics import summary_mean
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench_runs/scaling"))
@@ -56,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = json.loads((run / "densify.json").read_text())
     entry = next(iter(summary["volumes"].values()))
+    steps = next(iter(summary.get("steps", {}).values()), {})
     print(
         f"{case.truth.size:,} voxels {case.truth.shape}: {result['wall_s']:.0f} s, "
-        f"{result['peak_rss_gib']:.2f} GiB, IoU unannotated {entry['unannotated']['iou/mean']:.3f}, "
-        f"steps {summary.get('steps')}, cpu {torch.backends.cpu.get_cpu_capability()}"
+        f"{result['peak_rss_gib']:.2f} GiB, IoU unannotated {summary_mean(entry['unannotated']):.3f}, "
+        f"{steps}, cpu {torch.backends.cpu.get_cpu_capability()}"
     )
     return 0
 

@@ -163,10 +163,11 @@ class PlaneTiles(IterableDataset):
     volume. ``centre_sampling="class"`` draws the centre's class first, uniformly among the
     classes of that pool, then a voxel of it, so a class with a few hundred annotated voxels is
     in view as often as the background (``"voxel"``: every voxel of the pool equally likely,
-    rare classes seldom seen). Tiles are flipped at random along each axis of ``flip_axes`` (a subset of ``"zyx"``;
-    flips keep class identity, but make an upside-down or mirrored volume look as likely as the
-    real one: leave out the axes along which the anatomy is not symmetric). Volumes thinner than the
-    tile are padded by reflection, the label with ``ignore_index``.
+    rare classes seldom seen). Tiles are flipped at random along each axis of ``flip_axes`` (a
+    subset of ``"zyx"``; flips keep class identity, but make an upside-down or mirrored volume
+    look as likely as the real one: leave out the axes along which the anatomy is not
+    symmetric). Volumes thinner than the tile are padded by reflection, the label with
+    ``ignore_index``.
 
     Yields dicts with ``image (C, *tile)`` float32, ``label (*tile)`` and ``pseudo (*tile)``
     int64.
@@ -210,8 +211,12 @@ class PlaneTiles(IterableDataset):
         self.pseudo_centres = np.argwhere(self.pseudo.numpy() != ignore_index)
         if len(self.centres) == 0:
             raise ValueError("no annotated voxel to train on")
-        self.by_class = self._group(self.centres, self.label.numpy())
-        self.pseudo_by_class = self._group(self.pseudo_centres, self.pseudo.numpy())
+        # per-class copies of the centres only when drawn by class (they double their memory)
+        by_class = centre_sampling == "class"
+        self.by_class = self._group(self.centres, self.label.numpy()) if by_class else []
+        self.pseudo_by_class = (
+            self._group(self.pseudo_centres, self.pseudo.numpy()) if by_class else []
+        )
 
     @staticmethod
     def _group(centres: np.ndarray, codes: np.ndarray) -> list[np.ndarray]:
