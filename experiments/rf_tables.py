@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,23 +86,21 @@ def pooled_scores(
 def run_job(table: int, key: Key, rf_cfg: Any, features: Callable[..., np.ndarray]) -> Scores:
     """Build one job, fit its forest on the training volumes, score it on the test volumes."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
+    from sparse3d.densify_methods import make_forest
     from sparse3d.experiment import build
-    from sparse3d.rf import RandomForestSegmenter
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         job = build(compose("config", overrides=overrides(table, key)))
     spec, dm, voxel = job.facts.labels, job.datamodule, job.facts.voxel_size_zyx_um
     train = [dm.volumes[n] for n in sorted(job.split.train) if job.split.train[n]]
     x, y = pooled_training([(features(v, voxel), v.train_label) for v in train], spec.ignore_index)
-    kwargs = OmegaConf.to_container(rf_cfg, resolve=True)
-    kwargs.pop("sigmas")
-    forest = RandomForestSegmenter(spec.num_classes, spec.ignore_index, **kwargs).fit(x, y)
+    forest = make_forest(spec.num_classes, spec.ignore_index, rf_cfg).fit(x, y)
     del x, y
     tests = [dm.volumes[n] for n in sorted(job.split.test)]
-    labels = {v.name: forest.predict_proba(features(v, voxel)).argmax(0) for v in tests}
-    preds = {n: p.astype(np.uint8) for n, p in labels.items()}
+    preds = {
+        v.name: forest.predict_proba(features(v, voxel)).argmax(0).astype(np.uint8) for v in tests
+    }
     return pooled_scores(preds, tests, spec.class_names, spec.ignore_index)
 
 
@@ -204,18 +201,12 @@ def table_lines(
     return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout
-
-
 def _machine() -> str:
-    import torch
+    from sparse3d.bench_runs import cpu_capability, git_commit, nproc
 
-    dirty = ", with uncommitted changes" if _git("status", "--porcelain").strip() else ""
     return (
-        f"`get_cpu_capability()` = `{torch.backends.cpu.get_cpu_capability()}`, nproc "
-        f"{len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f} at the start, "
-        f"commit `{_git('rev-parse', '--short', 'HEAD').strip()}`{dirty}"
+        f"`get_cpu_capability()` = `{cpu_capability()}`, nproc {nproc()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the start, commit `{git_commit()}`"
     )
 
 

@@ -84,7 +84,9 @@ def random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, fl
     return per_volume(cfg, probabilities, attrs), 0.0
 
 
-def _forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
+def make_forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
+    """The random forest the ``rf:`` config describes (its ``sigmas`` are the features', not
+    the forest's); ``override`` replaces single settings (e.g. ``n_trees``)."""
     from sparse3d.rf import RandomForestSegmenter
 
     kwargs = {k: v for k, v in OmegaConf.to_container(rf_cfg, resolve=True).items()}
@@ -112,8 +114,8 @@ def stacked_forests(
     slices = dict(vol.meta.annotated_slices)
     if not any(slices.values()):  # labels not on planes: hold out nothing
         slices = {}
-    forest = _forest(k, ign, rf_cfg)
-    fold_forest = _forest(k, ign, rf_cfg, n_trees=int(refine_cfg.fold_trees))
+    forest = make_forest(k, ign, rf_cfg)
+    fold_forest = make_forest(k, ign, rf_cfg, n_trees=int(refine_cfg.fold_trees))
     return stacked_probabilities(
         features,
         label,
@@ -126,15 +128,20 @@ def stacked_forests(
     )
 
 
+#: Choices of ``refine.class_weights`` (see :func:`refine_class_weights`).
+CLASS_WEIGHTS = (None, "balanced", "sqrt")
+
+
 def check_refine_options(refine_cfg: DictConfig) -> None:
     """The refine options that name a choice, checked before any work: one ``UserError`` line."""
     from sparse3d.axes import AXES
+    from sparse3d.refine import CENTRE_SAMPLING
 
     weights = refine_cfg.get("class_weights")
-    if weights not in (None, "balanced", "sqrt"):
+    if weights not in CLASS_WEIGHTS:
         raise UserError(f"refine.class_weights must be null, balanced or sqrt, got {weights!r}")
     sampling = refine_cfg.get("centre_sampling", "voxel")
-    if sampling not in ("voxel", "class"):
+    if sampling not in CENTRE_SAMPLING:
         raise UserError(f"refine.centre_sampling must be voxel or class, got {sampling!r}")
     flips = refine_cfg.get("flip_axes", list(AXES))
     if isinstance(flips, str) or not set(flips) <= set(AXES):
@@ -149,10 +156,10 @@ def refine_class_weights(
     mean 1: rare classes count more, a thin rare class is not blown up as much)."""
     from sparse3d.losses import balanced_class_weights
 
+    if kind not in CLASS_WEIGHTS:
+        raise ValueError(f"refine.class_weights must be null, balanced or sqrt, got {kind!r}")
     if kind is None:
         return None
-    if kind not in ("balanced", "sqrt"):
-        raise ValueError(f"refine.class_weights must be null, balanced or sqrt, got {kind!r}")
     counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
     w = np.asarray(balanced_class_weights(counts))
     if kind == "sqrt":

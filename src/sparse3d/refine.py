@@ -154,6 +154,10 @@ def fit_tile(input_tile: Sequence[int], shape_zyx: Sequence[int], multiple: int)
     )
 
 
+#: Choices of :class:`PlaneTiles`' ``centre_sampling``.
+CENTRE_SAMPLING = ("voxel", "class")
+
+
 class PlaneTiles(IterableDataset):
     """Endless random training tiles for the refining network.
 
@@ -204,7 +208,7 @@ class PlaneTiles(IterableDataset):
         if unknown:
             raise ValueError(f"flip_axes must be among {AXES}, got {list(flip_axes)}")
         self.flip_dims = tuple(AXES.index(a) for a in AXES if a in set(flip_axes))
-        if centre_sampling not in ("voxel", "class"):
+        if centre_sampling not in CENTRE_SAMPLING:
             raise ValueError(f"centre_sampling must be 'voxel' or 'class', got {centre_sampling!r}")
         self.centre_sampling = centre_sampling
         self.centres = np.argwhere(self.label.numpy() != ignore_index)
