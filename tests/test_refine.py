@@ -39,11 +39,25 @@ class RecordingForest:
         return out
 
 
-def test_plane_folds_deal_planes_round_robin():
+def test_plane_folds_deal_planes_diagonally():
     folds = plane_folds({"z": (5,), "y": (9,), "x": (7, 3)}, 2)
     assert folds == [{"z": (5,), "x": (3,)}, {"y": (9,), "x": (7,)}]
     assert plane_folds({"z": (1,)}, 3) == [{"z": (1,)}]
+    assert plane_folds({"z": (1, 4, 7, 9)}, 3) == [{"z": (1, 9)}, {"z": (4,)}, {"z": (7,)}]
     assert plane_folds({}, 3) == []
+
+
+def test_plane_folds_never_hold_out_the_middle_of_every_axis_at_once():
+    # 3 planes per axis, 3 folds: every fold has one plane of each axis, and no fold holds the
+    # middle plane of two axes (a structure seen only there would vanish from a fold's training)
+    slices = {"z": (10, 20, 30), "y": (11, 21, 31), "x": (12, 22, 32)}
+    folds = plane_folds(slices, 3)
+    assert len(folds) == 3
+    assert all(sorted(f) == ["x", "y", "z"] and all(len(v) == 1 for v in f.values()) for f in folds)
+    for ax in "zyx":
+        assert sorted(f[ax][0] for f in folds) == list(slices[ax])
+    middles = [sum(f[ax][0] == slices[ax][1] for ax in "zyx") for f in folds]
+    assert middles == [1, 1, 1]
 
 
 def test_crossfit_never_predicts_planes_with_a_forest_that_saw_them():

@@ -13,7 +13,7 @@ Two pitfalls this module handles:
 * **Stacking leak.** On its own training planes the forest is nearly always right, so a network
   that sees those probabilities as input learns to copy them. The input channels on the
   annotated planes therefore come from forests that did not see those planes (cross-fitting:
-  the planes are dealt round-robin into folds, each fold is predicted by a forest fitted on the
+  the planes are dealt diagonally into folds, each fold is predicted by a forest fitted on the
   other folds); everywhere else from the forest fitted on all planes.
 * **Pseudo-labels outweighing the truth.** Pseudo-labels count only where no plane is
   annotated, only where the forest's top probability reaches a threshold, and with a weight
@@ -36,17 +36,26 @@ from sparse3d.rf import RandomForestSegmenter
 def plane_folds(
     slices: Mapping[str, Sequence[int]], n_folds: int
 ) -> list[dict[str, tuple[int, ...]]]:
-    """Deal the annotated planes round-robin into at most ``n_folds`` non-empty folds.
+    """Deal the annotated planes into at most ``n_folds`` non-empty folds, diagonally.
 
-    Planes are taken axis by axis (z, y, x), so with one plane per axis and 3 folds each fold
-    holds one orientation. E.g. ``{"z": (5,), "y": (9,), "x": (3, 7)}`` with 2 folds gives
+    The ``r``-th plane (in position order) of the ``a``-th axis (z, y, x) goes to fold
+    ``(r + a) % n``, so a fold mixes orientations *and* positions: with 3 planes per axis and
+    3 folds each fold holds one plane of every axis, and the three middle planes lie in three
+    different folds. (Dealing axis by axis, round robin, put the ``r``-th plane of every axis in
+    fold ``r``: holding out the middle fold removed every plane through the middle of the
+    volume, so a structure found only there was never in the fold forest's training.)
+    E.g. ``{"z": (5,), "y": (9,), "x": (3, 7)}`` with 2 folds gives
     ``[{"z": (5,), "x": (3,)}, {"y": (9,), "x": (7,)}]`` (axes without planes omitted).
     """
-    planes = [(ax, int(i)) for ax in AXES for i in sorted(slices.get(ax, ()))]
+    planes = [
+        (a, ax, r, int(i))
+        for a, ax in enumerate(AXES)
+        for r, i in enumerate(sorted(slices.get(ax, ())))
+    ]
     n = max(1, min(int(n_folds), len(planes)))
     folds: list[dict[str, list[int]]] = [{} for _ in range(n)]
-    for j, (ax, i) in enumerate(planes):
-        folds[j % n].setdefault(ax, []).append(i)
+    for a, ax, r, i in planes:
+        folds[(r + a) % n].setdefault(ax, []).append(i)
     return [{ax: tuple(v) for ax, v in f.items()} for f in folds if f]
 
 
