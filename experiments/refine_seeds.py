@@ -64,7 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         f"cpu {torch.backends.cpu.get_cpu_capability()}; classes {list(spec.class_names)}"
     )
     t0 = time.perf_counter()
-    full, crossfit = stacked_forests(vol, image, label, cfg.rf, cfg.refine)
+    full, crossfit = stacked_forests(
+        image,
+        label,
+        vol.meta.annotated_slices,
+        vol.meta.voxel_size_zyx_um,
+        spec,
+        cfg.rf,
+        cfg.refine,
+    )
     forest, forest_iou = mean_iou(full, ref, k, ign)
     print(f"forests      {forest:.3f} {np.round(forest_iou, 3)} ({time.perf_counter() - t0:.0f} s)")
     w = float(cfg.refine.forest_weight)

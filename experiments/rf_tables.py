@@ -1,13 +1,22 @@
-"""An ilastik-style random forest beside the 3D U-Net on the paper's Tables 1-3 (preset=cpu).
+"""densify's learners beside the 3D U-Net on the paper's Tables 1-3 (preset=cpu).
 
 Each job is composed as on the training command line (``experiment=... fold=/sample=/setup=
-preset=cpu model=unet3d``) and built by ``sparse3d.experiment.build``: the forest gets the
-network's volumes, training slices and held-out voxels. One forest per job (``sparse3d.rf``,
-``rf:`` block of ``conf/densify.yaml``), fitted on the training voxels of all training volumes,
-predicts each test volume; confusions are pooled as ``sparse3d.evaluation`` pools them. The 3D
-U-Net figures are quoted from ``experiments/results/refactor_check.md`` and ``tables_cpu.md``.
+preset=cpu model=unet3d``) and built by ``sparse3d.experiment.build``: the learner gets the
+network's volumes, training slices and held-out voxels; confusions are pooled as
+``sparse3d.evaluation`` pools them. Two learners (``--method``):
 
-    python experiments/rf_tables.py [--tables 1,2,3] [--out experiments/results/tables_rf.md]
+* ``rf``: an ilastik-style random forest (``sparse3d.rf``, ``rf:`` block of
+  ``conf/densify.yaml``), one per job, fitted on the training voxels of all training volumes,
+  predicting each test volume (Tables 1-3);
+* ``refine``: densify's default, ``method=refine`` with the ``refine:`` and ``rf:`` blocks of
+  ``conf/densify.yaml`` (step-bound: ``time_budget_s`` is ignored), run on each test volume
+  with that volume's own training slices, as a user densifies one volume (the semi-automated
+  Tables 1 and 2 only: Table 3's test volumes have no annotated slice).
+
+The 3D U-Net figures are quoted from ``experiments/results/refactor_check.md`` and
+``tables_cpu.md``.
+
+    python experiments/rf_tables.py [--method rf|refine] [--tables 1,2,3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -104,6 +113,30 @@ def run_job(table: int, key: Key, rf_cfg: Any, features: Callable[..., np.ndarra
     return pooled_scores(preds, tests, spec.class_names, spec.ignore_index)
 
 
+def run_refine_job(table: int, key: Key, rf_cfg: Any, refine_cfg: Any) -> Scores:
+    """Build one semi-automated job and densify each test volume from its own training slices
+    with ``method=refine``; score the arg-max as :func:`run_job` does."""
+    from hydra import compose, initialize_config_dir
+
+    from sparse3d.densify_methods import refine_volume
+    from sparse3d.experiment import build
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        job = build(compose("config", overrides=overrides(table, key)))
+    spec, dm, voxel = job.facts.labels, job.datamodule, job.facts.voxel_size_zyx_um
+    tests = [dm.volumes[n] for n in sorted(job.split.test)]
+    preds = {}
+    for v in tests:
+        slices = {a: tuple(i) for a, i in job.split.train.get(v.name, {}).items()}
+        if not any(slices.values()):
+            raise SystemExit(f"{v.name}: no training slice on this test volume (Table 3?)")
+        probs, _ = refine_volume(
+            v.image, v.train_label, slices, voxel, spec, rf_cfg, refine_cfg, progress_bar=False
+        )
+        preds[v.name] = probs.argmax(0).astype(np.uint8)
+    return pooled_scores(preds, tests, spec.class_names, spec.ignore_index)
+
+
 def feature_cache(sigmas: Sequence[float]) -> Callable[..., np.ndarray]:
     """``features(volume, voxel_size)``: ``sparse3d.rf.voxel_features`` of the volume's image,
     computed once per volume (jobs share the volumes; reused only for an identical image)."""
@@ -169,16 +202,22 @@ def _f(v: float | None) -> str:
 
 
 def table_lines(
-    table: int, results: Mapping[Key, tuple[Scores, float]], unet: Mapping, paper: Mapping
+    table: int,
+    results: Mapping[Key, tuple[Scores, float]],
+    unet: Mapping,
+    paper: Mapping,
+    name: str = "RF",
 ) -> list[str]:
-    """One table: a row per job and the average, RF beside the quoted network and the paper."""
+    """One table: a row per job and the average, the learner ``name`` beside the quoted network
+    and the paper."""
     sets = ("heldout", "heldout_all", "all_voxels") if table != 3 else ("heldout", "all_voxels")
     ours = "held-out incl. crossings" if table == 2 else "held-out"
     head = (
         ["GT slices", "sample"] if table == 2 else ["test slices" if table == 1 else "test volume"]
     )
-    head += [f"RF {SET_NAMES[s]}" for s in sets]
-    head += [f"3D with BN ours, {ours}", "3D with BN ours, all voxels", "3D with BN paper", "RF s"]
+    head += [f"{name} {SET_NAMES[s]}" for s in sets]
+    head += [f"3D with BN ours, {ours}", "3D with BN ours, all voxels", "3D with BN paper"]
+    head += [f"{name} s"]
     section = paper[EXPERIMENT[table]]
     rows, cols = [], []
     for key in JOBS[table]:
@@ -213,11 +252,15 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tables", default="1,2,3", help="comma-separated subset of 1,2,3")
-    ap.add_argument("--out", type=Path, default=RESULTS / "tables_rf.md")
+    ap.add_argument("--method", choices=("rf", "refine"), default="rf")
+    ap.add_argument("--out", type=Path, help="default experiments/results/tables_METHOD.md")
     args = ap.parse_args(argv)
     tables = sorted({int(t) for t in args.tables.split(",")})
     if not set(tables) <= {1, 2, 3}:
         ap.error(f"--tables takes 1, 2 and 3, got {args.tables}")
+    if args.method == "refine" and 3 in tables:
+        ap.error("--method refine learns from a volume's own slices: Tables 1 and 2 only")
+    out = args.out or RESULTS / f"tables_{args.method}.md"
     from omegaconf import OmegaConf
 
     from sparse3d.atomic import write_text_atomic
@@ -227,8 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         ["python", "experiments/rf_tables.py", *(sys.argv[1:] if argv is None else argv)]
     )
     started, machine = datetime.now(), _machine()
-    rf_cfg = OmegaConf.load(ROOT / "conf" / "densify.yaml").rf
+    densify_cfg = OmegaConf.load(ROOT / "conf" / "densify.yaml")
+    rf_cfg = densify_cfg.rf
+    refine_cfg = OmegaConf.merge(densify_cfg.refine, {"time_budget_s": None})  # step-bound
     features = feature_cache(rf_cfg.sigmas)
+    name = "RF" if args.method == "rf" else "refine"
     paper = paper_results()
     unet = unet_quotes(
         (RESULTS / "refactor_check.md").read_text(),
@@ -240,20 +286,33 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for key in JOBS[table]:
             t0 = time.perf_counter()
-            scores = run_job(table, key, rf_cfg, features)
+            if args.method == "rf":
+                scores = run_job(table, key, rf_cfg, features)
+            else:
+                scores = run_refine_job(table, key, rf_cfg, refine_cfg)
             results[key] = (scores, secs := time.perf_counter() - t0)
             job = " ".join([EXPERIMENT[table], *overrides(table, key)[3:-1]])
             print(f"{job}: held-out mean IoU {_f(scores['heldout'])}, {secs:.1f} s", flush=True)
-        body += table_lines(table, results, unet, paper)
+        body += table_lines(table, results, unet, paper, name)
     wall = time.perf_counter() - t_all
-    rf = ", ".join(f"{k} {v}" for k, v in OmegaConf.to_container(rf_cfg, resolve=True).items())
+    settings = {"rf": rf_cfg} if args.method == "rf" else {"refine": refine_cfg, "rf": rf_cfg}
+    blocks = "; ".join(
+        f"{block}: " + ", ".join(f"{k} {v}" for k, v in OmegaConf.to_container(c).items())
+        for block, c in settings.items()
+    )
+    learner = (
+        "Forest: `sparse3d.rf`; one per job, fitted on the training voxels of all its training "
+        "volumes, predicting each test volume (pooled)."
+        if args.method == "rf"
+        else "refine: `method=refine` on each test volume from that volume's own training "
+        "slices (the network step-bound: `time_budget_s` ignored), scores pooled."
+    )
     header = [
-        "# A random forest beside the 3D U-Net: Tables 1-3 on the preset=cpu splits",
+        f"# {name} beside the 3D U-Net: Tables 1-3 on the preset=cpu splits",
         "",
-        f"> - `{command}`, {started:%Y-%m-%d %H:%M}; {machine}. {wall / 60:.1f} min in all (RF s: "
-        "per job, mostly the fit; a volume's features are computed by its first job only).",
-        f"> - Forest: `sparse3d.rf`, `rf:` of `conf/densify.yaml` ({rf}); one per job, fitted on the "
-        "training voxels of all its training volumes, predicting each test volume (pooled).",
+        f"> - `{command}`, {started:%Y-%m-%d %H:%M}; {machine}. {wall / 60:.1f} min in all "
+        f"({name} s: per job).",
+        f"> - {learner} Settings of `conf/densify.yaml`: {blocks}.",
         "> - Held-out: test slices less their crossings with training slices (the paper's); incl. "
         "crossings: all of the test slices; all voxels: the dense truth. 3D with BN ours "
         "(`preset=cpu`) is quoted: Tables 1, 3 from `experiments/results/refactor_check.md` "
@@ -261,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     text = "\n".join(header + body)
-    write_text_atomic(args.out, text)
-    print(f"wall time {wall:.0f} s; written: {args.out}")
+    write_text_atomic(out, text)
+    print(f"wall time {wall:.0f} s; written: {out}")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,18 @@ def test_table_lines_rows_and_average():
     assert rows[4].startswith("| 1,1,1 | 1 | 0.500 | 0.600 | 0.400 | – | – | 0.331 |")
     paper_mean = np.mean([v for r in paper["slice_sweep"]["rows"].values() for v in r.values()])
     assert rows[-2].endswith(f"| {paper_mean:.3f} | 12 (sum) |")
+
+
+def test_table_lines_name_the_learner():
+    res = {(f,): ({"heldout": 0.5, "heldout_all": 0.6, "all_voxels": 0.4}, 2.0) for f in (1, 2, 3)}
+    lines = rt.table_lines(1, res, {}, paper_results(), "refine")
+    assert lines[2].startswith("| test slices | refine held-out | refine held-out incl. crossings")
+    assert lines[2].endswith("| 3D with BN paper | refine s |")
+
+
+def test_refine_refuses_table_3_before_any_work(capsys):
+    # Table 3's test volumes carry no annotated slice for refine to learn from
+    with pytest.raises(SystemExit) as exit_info:
+        rt.main(["--method", "refine", "--tables", "1,3"])
+    assert exit_info.value.code == 2
+    assert "Tables 1 and 2 only" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,30 +96,30 @@ def make_forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **overr
 
 
 def stacked_forests(
-    vol: VolumeArrays,
     image: np.ndarray,
     label: np.ndarray,
+    slices: Mapping[str, Sequence[int]],
+    voxel_size_zyx_um: tuple[float, float, float] | None,
+    spec: LabelSpec,
     rf_cfg: DictConfig,
     refine_cfg: DictConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The forests of ``method=refine`` on ``image (C, Z, Y, X)`` and ``label (Z, Y, X)``:
+    """The forests of ``method=refine`` on ``image (C, Z, Y, X)`` and ``label (Z, Y, X)``,
+    annotated on the planes ``slices`` (``{"z": [...], ...}``; none: nothing is held out):
     ``(full, crossfit)`` probabilities ``(K, Z, Y, X)`` of the stacked forests fitted to every
     annotated plane, and held out plane by plane (``sparse3d.refine.stacked_probabilities``)."""
     from sparse3d.refine import stacked_probabilities
     from sparse3d.rf import voxel_features
 
-    spec = vol.meta.labels
     k, ign = spec.num_classes, spec.ignore_index
-    features = voxel_features(image, vol.meta.voxel_size_zyx_um, tuple(rf_cfg.sigmas))
-    slices = dict(vol.meta.annotated_slices)
-    if not any(slices.values()):  # labels not on planes: hold out nothing
-        slices = {}
+    features = voxel_features(image, voxel_size_zyx_um, tuple(rf_cfg.sigmas))
+    planes = dict(slices) if any(slices.values()) else {}  # labels not on planes
     forest = make_forest(k, ign, rf_cfg)
     fold_forest = make_forest(k, ign, rf_cfg, n_trees=int(refine_cfg.fold_trees))
     return stacked_probabilities(
         features,
         label,
-        slices,
+        planes,
         forest,
         fold_forest,
         stages=int(refine_cfg.rf_stages),
@@ -249,26 +249,48 @@ def refining_network(
     )
 
 
-def refine_probabilities(
-    vol: VolumeArrays, rf_cfg: DictConfig, refine_cfg: DictConfig, progress_bar: bool
+def refine_volume(
+    image: np.ndarray,
+    label: np.ndarray,
+    slices: Mapping[str, Sequence[int]],
+    voxel_size_zyx_um: tuple[float, float, float] | None,
+    spec: LabelSpec,
+    rf_cfg: DictConfig,
+    refine_cfg: DictConfig,
+    progress_bar: bool,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``method=refine`` on one volume: cross-fitted, stacked forests, then a small same-padded
-    U-Net on the image and the forests' probabilities (annotation + confident pseudo-labels),
-    averaged with the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary.
-    """
-    label = np.asarray(vol.label)
-    image = np.asarray(vol.image, dtype=np.float32)
+    """``method=refine`` on ``image (C, Z, Y, X)`` annotated by ``label (Z, Y, X)`` on the
+    planes ``slices``: cross-fitted, stacked forests, then a small same-padded U-Net on the
+    image and the forests' probabilities (annotation + confident pseudo-labels), averaged with
+    the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary."""
+    image = np.asarray(image, dtype=np.float32)
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
-    full, crossfit = stacked_forests(vol, image, label, rf_cfg, refine_cfg)
+    full, crossfit = stacked_forests(
+        image, label, slices, voxel_size_zyx_um, spec, rf_cfg, refine_cfg
+    )
     facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
     if int(refine_cfg.max_steps) <= 0:
         return full, facts
-    probs = refining_network(
-        image, label, full, crossfit, vol.meta.labels, refine_cfg, progress_bar, facts
-    )
+    probs = refining_network(image, label, full, crossfit, spec, refine_cfg, progress_bar, facts)
     w = float(refine_cfg.forest_weight)
     return (1.0 - w) * probs + w * full, facts
+
+
+def refine_probabilities(
+    vol: VolumeArrays, rf_cfg: DictConfig, refine_cfg: DictConfig, progress_bar: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`refine_volume` on a loaded volume (its label, annotated planes, voxel size)."""
+    return refine_volume(
+        np.asarray(vol.image, dtype=np.float32),
+        np.asarray(vol.label),
+        vol.meta.annotated_slices,
+        vol.meta.voxel_size_zyx_um,
+        vol.meta.labels,
+        rf_cfg,
+        refine_cfg,
+        progress_bar,
+    )
 
 
 def refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
