@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         "slices (the network step-bound: `time_budget_s` ignored), scores pooled."
     )
     header = [
-        f"# {name} beside the 3D U-Net: Tables 1-3 on the preset=cpu splits",
+        f"# {name} beside the 3D U-Net: Tables {', '.join(map(str, tables))} on the preset=cpu "
+        "splits",
         "",
         f"> - `{command}`, {started:%Y-%m-%d %H:%M}; {machine}. {wall / 60:.1f} min in all "
         f"({name} s: per job).",
