@@ -39,15 +39,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from sparse3d.cli import quiet_lightning
     from sparse3d.data.volume import load_volume
-    from sparse3d.densify_methods import refining_network, stacked_forests
+    from sparse3d.densify_methods import network_rounds, stacked_forests
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("case")
     ap.add_argument("k", type=int)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--cases-dir", default="bench_runs/cases")
+    ap.add_argument(
+        "--forest-weights",
+        default="",
+        help="also score the last network averaged with the forests at these weights, e.g. 0.25,0.75",
+    )
     ap.add_argument("overrides", nargs="*", help="densify overrides, e.g. refine.lr=0.001")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("densify", overrides=["refine.time_budget_s=null", *args.overrides])
     quiet_lightning()
@@ -75,18 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     forest, forest_iou = mean_iou(full, ref, k, ign)
     print(f"forests      {forest:.3f} {np.round(forest_iou, 3)} ({time.perf_counter() - t0:.0f} s)")
-    w = float(cfg.refine.forest_weight)
     nets, refines = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
         refine_cfg = OmegaConf.merge(cfg.refine, {"seed": seed})
         facts: dict = {}
-        net = refining_network(image, label, full, crossfit, spec, refine_cfg, False, facts)
+        avg, net = network_rounds(
+            image, label, full, crossfit, spec, refine_cfg, False, facts, vol.meta.voxel_size_zyx_um
+        )
         n, n_iou = mean_iou(net, ref, k, ign)
-        r, r_iou = mean_iou((1 - w) * net + w * full, ref, k, ign)
+        r, r_iou = mean_iou(avg, ref, k, ign)
         nets.append(n)
         refines.append(r)
         print(f"seed {seed} net  {n:.3f} {np.round(n_iou, 3)} ({facts['network_seconds']} s)")
         print(f"seed {seed} refine {r:.3f} {np.round(r_iou, 3)}")
+        for fw in (float(v) for v in args.forest_weights.split(",") if v):
+            a, a_iou = mean_iou((1 - fw) * net + fw * full, ref, k, ign)
+            print(f"seed {seed} net + forests at weight {fw:g}: {a:.3f} {np.round(a_iou, 3)}")
     print(
         f"mean over seeds: net {np.mean(nets):.3f} (min {min(nets):.3f}), "
         f"refine {np.mean(refines):.3f} (min {min(refines):.3f}, max {max(refines):.3f})"

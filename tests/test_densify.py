@@ -291,6 +291,7 @@ def test_densify_refine_finishes_with_any_number_of_classes(num_classes, tmp_pat
         ({"refine.class_weights": "inverse"}, "refine.class_weights"),
         ({"refine.centre_sampling": "balanced"}, "refine.centre_sampling"),
         ({"refine.flip_axes": "[w]"}, "refine.flip_axes"),
+        ({"refine.rounds": 0}, "refine.rounds"),
     ],
 )
 def test_densify_refine_bad_option_is_one_line_before_any_work(option, needle, h5_input, tmp_path):
@@ -301,14 +302,17 @@ def test_densify_refine_bad_option_is_one_line_before_any_work(option, needle, h
     assert not (out / "densify.json").exists() and not list(out.glob("*_seg.h5"))
 
 
-def test_densify_refine_with_class_centres_weights_and_one_flip_axis(h5_input, tmp_path):
+def test_densify_refine_non_default_options_run_end_to_end(h5_input, tmp_path):
     """The non-default refine options run end to end and still find the ball."""
     options = {
         "refine.class_weights": "sqrt",
         "refine.centre_sampling": "class",
         "refine.flip_axes": "[x]",
+        "refine.deform": "true",
+        "refine.rounds": 2,
     }
     summary = densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", **{**REFINE, **options}))
     assert summary["refine"]["centre_sampling"] == "class"
     assert summary["steps"]["ball"]["steps"] == 4
+    assert summary["steps"]["ball"]["round2"]["steps"] == 4
     assert summary["volumes"]["ball"]["unannotated"]["mean"] > 0.85

@@ -172,6 +172,35 @@ def test_plane_tiles_flip_only_the_chosen_axes():
         PlaneTiles(image, label, pseudo, ign, shape, flip_axes=("w",))
 
 
+def test_plane_tiles_with_the_paper_deformation_keep_shapes_and_codes():
+    """Deformed tiles have the tile's shape, labels only the codes they had (nearest
+    neighbour, ignore outside) and differ from the plain crop."""
+    from sparse3d.data.transforms import RandPaperDeformd
+
+    shape, tile, ign = (12, 40, 40), (8, 32, 32), 3
+    rng = np.random.default_rng(0)
+    image = rng.random((2, *shape), dtype=np.float32)
+    label = np.full(shape, ign, np.uint8)
+    label[6] = rng.integers(0, 2, shape[1:])
+    pseudo = np.full(shape, ign, np.uint8)
+    pseudo[2] = 2
+    deform = RandPaperDeformd(
+        keys=("image", "label", "pseudo"), label_keys=("label", "pseudo"), spatial_size=tile,
+        ignore_index=ign,
+    )  # fmt: skip
+    deform.set_random_state(seed=0)
+    plain = iter(PlaneTiles(image, label, pseudo, ign, tile, seed=1, flip_axes=()))
+    warped = iter(PlaneTiles(image, label, pseudo, ign, tile, seed=1, flip_axes=(), deform=deform))
+    differ = 0
+    for _ in range(6):
+        a, b = next(plain), next(warped)
+        assert b["image"].shape == (2, *tile) and b["label"].shape == tile == b["pseudo"].shape
+        assert set(torch.unique(b["label"]).tolist()) <= {0, 1, ign}
+        assert set(torch.unique(b["pseudo"]).tolist()) <= {2, ign}
+        differ += int(not torch.equal(a["image"], b["image"]))
+    assert differ == 6
+
+
 def test_class_centre_sampling_shows_a_rare_class_as_often_as_a_common_one():
     """Four annotated voxels of class 2 among 1,024 of class 0: drawn about 0.4 % of the time
     voxel by voxel, about half the time class by class; pseudo-labels are grouped alike."""

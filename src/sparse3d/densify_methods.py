@@ -146,6 +146,33 @@ def check_refine_options(refine_cfg: DictConfig) -> None:
     flips = refine_cfg.get("flip_axes", list(AXES))
     if isinstance(flips, str) or not set(flips) <= set(AXES):
         raise UserError(f"refine.flip_axes must be a list of z, y, x (or []), got {flips}")
+    rounds = refine_cfg.get("rounds", 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise UserError(f"refine.rounds must be a whole number >= 1, got {rounds!r}")
+
+
+def refine_deform(
+    refine_cfg: DictConfig,
+    input_tile: Sequence[int],
+    ignore_index: int,
+    voxel_size_zyx_um: tuple[float, float, float] | None,
+):
+    """The paper's spatial augmentation (B-spline field, rotation, scaling; Sec. 3.2) for the
+    refining network's tiles when ``refine.deform`` is true, else None. Its settings are the
+    paper's (``conf/augment/paper.yaml``); rotations are in micrometres."""
+    if not bool(refine_cfg.get("deform", False)):
+        return None
+    from sparse3d.data.transforms import RandPaperDeformd
+
+    deform = RandPaperDeformd(
+        keys=("image", "label", "pseudo"),
+        label_keys=("label", "pseudo"),
+        spatial_size=tuple(int(t) for t in input_tile),
+        voxel_size_zyx_um=voxel_size_zyx_um or (1.0, 1.0, 1.0),
+        ignore_index=int(ignore_index),
+    )
+    deform.set_random_state(seed=int(refine_cfg.seed))
+    return deform
 
 
 def refine_class_weights(
@@ -177,11 +204,13 @@ def refining_network(
     refine_cfg: DictConfig,
     progress_bar: bool,
     facts: dict[str, Any],
+    voxel_size_zyx_um: tuple[float, float, float] | None = None,
 ) -> np.ndarray:
     """The small same-padded U-Net of ``method=refine``, trained on ``image (C, Z, Y, X)`` and
     the held-out forest probabilities ``crossfit (K, Z, Y, X)`` with the annotation and the
     confident pseudo-labels of ``full (K, Z, Y, X)``; returns its probabilities ``(K, Z, Y, X)``
-    and adds its steps and seconds to ``facts``."""
+    and adds its steps and seconds to ``facts``. ``voxel_size_zyx_um``: for the rotations of
+    ``refine.deform`` (None: isotropic)."""
     import torch
 
     from sparse3d.axes import AXES
@@ -221,6 +250,7 @@ def refining_network(
         seed=int(refine_cfg.seed),
         flip_axes=tuple(refine_cfg.get("flip_axes", AXES)),
         centre_sampling=str(refine_cfg.get("centre_sampling", "voxel")),
+        deform=refine_deform(refine_cfg, input_tile, ign, voxel_size_zyx_um),
     )
     module = RefineModule(
         net,
@@ -272,9 +302,44 @@ def refine_volume(
     facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
     if int(refine_cfg.max_steps) <= 0:
         return full, facts
-    probs = refining_network(image, label, full, crossfit, spec, refine_cfg, progress_bar, facts)
+    probs, _ = network_rounds(
+        image, label, full, crossfit, spec, refine_cfg, progress_bar, facts, voxel_size_zyx_um
+    )
+    return probs, facts
+
+
+def network_rounds(
+    image: np.ndarray,
+    label: np.ndarray,
+    full: np.ndarray,
+    crossfit: np.ndarray,
+    spec: LabelSpec,
+    refine_cfg: DictConfig,
+    progress_bar: bool,
+    facts: dict[str, Any],
+    voxel_size_zyx_um: tuple[float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``refine.rounds`` trainings of the refining network (:func:`refining_network`), each
+    averaged with the forests' ``full (K, Z, Y, X)`` (``refine.forest_weight``). The first round
+    takes its pseudo-labels from the forests, every later one (self-training) from the previous
+    round's average, with a fresh network (seed + round). Returns the last ``(average, network
+    softmax)``, both ``(K, Z, Y, X)``; ``facts`` gets each round's steps and seconds."""
     w = float(refine_cfg.forest_weight)
-    return (1.0 - w) * probs + w * full, facts
+    rounds = int(refine_cfg.get("rounds", 1))
+    teacher = full
+    for r in range(rounds):
+        cfg_r = refine_cfg if r == 0 else OmegaConf.merge(refine_cfg, {"seed": refine_cfg.seed + r})
+        round_facts: dict[str, Any] = {}
+        net = refining_network(
+            image, label, teacher, crossfit, spec, cfg_r, progress_bar, round_facts,
+            voxel_size_zyx_um,
+        )  # fmt: skip
+        teacher = (1.0 - w) * net + w * full
+        if r == 0:
+            facts.update(round_facts)
+        else:
+            facts[f"round{r + 1}"] = round_facts
+    return teacher, net
 
 
 def refine_probabilities(

@@ -22,7 +22,7 @@ Two pitfalls this module handles:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -180,7 +180,10 @@ class PlaneTiles(IterableDataset):
     subset of ``"zyx"``; flips keep class identity, but make an upside-down or mirrored volume
     look as likely as the real one: leave out the axes along which the anatomy is not
     symmetric). Volumes thinner than the tile are padded by reflection, the label with
-    ``ignore_index``.
+    ``ignore_index``. ``deform``: an optional spatial transform of the dict ``{"image",
+    "label", "pseudo", "tile_start_zyx"}`` (whole volumes and the tile's start) to the tile,
+    e.g. the paper's :class:`sparse3d.data.transforms.RandPaperDeformd` with ``label`` and
+    ``pseudo`` as label keys; without it the tile is cut as it is.
 
     Yields dicts with ``image (C, *tile)`` float32, ``label (*tile)`` and ``pseudo (*tile)``
     int64.
@@ -197,8 +200,10 @@ class PlaneTiles(IterableDataset):
         pseudo_fraction: float = 0.5,
         flip_axes: Sequence[str] = AXES,
         centre_sampling: str = "voxel",
+        deform: Callable[[dict], dict] | None = None,
     ) -> None:
         super().__init__()
+        self.deform = deform
         need = [max(0, int(t) - int(s)) for t, s in zip(input_tile, label.shape, strict=True)]
         pads = [(n // 2, n - n // 2) for n in need]
         self.image = torch.from_numpy(
@@ -255,8 +260,16 @@ class PlaneTiles(IterableDataset):
         for c, t, n in zip(centre, self.input_tile, shape, strict=True):
             jitter = int(rng.integers(-(t // 4), t // 4 + 1))
             start.append(int(np.clip(c - t // 2 + jitter, 0, n - t)))
-        box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
-        image, label, pseudo = self.image[(slice(None), *box)], self.label[box], self.pseudo[box]
+        if self.deform is not None:
+            d = self.deform(
+                {"image": self.image, "label": self.label, "pseudo": self.pseudo,
+                 "tile_start_zyx": start}
+            )  # fmt: skip
+            image, label, pseudo = d["image"], d["label"], d["pseudo"]
+        else:
+            box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
+            image, label = self.image[(slice(None), *box)], self.label[box]
+            pseudo = self.pseudo[box]
         for axis in range(3):
             if rng.random() < 0.5 and axis in self.flip_dims:  # one draw per axis, always
                 image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
