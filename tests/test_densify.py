@@ -292,6 +292,7 @@ def test_densify_refine_finishes_with_any_number_of_classes(num_classes, tmp_pat
         ({"refine.centre_sampling": "balanced"}, "refine.centre_sampling"),
         ({"refine.flip_axes": "[w]"}, "refine.flip_axes"),
         ({"refine.rounds": 0}, "refine.rounds"),
+        ({"refine.pseudo_class_fraction": 1.5}, "refine.pseudo_class_fraction"),
     ],
 )
 def test_densify_refine_bad_option_is_one_line_before_any_work(option, needle, h5_input, tmp_path):
@@ -310,6 +311,7 @@ def test_densify_refine_non_default_options_run_end_to_end(h5_input, tmp_path):
         "refine.flip_axes": "[x]",
         "refine.deform": "true",
         "refine.rounds": 2,
+        "refine.pseudo_class_fraction": 0.5,
     }
     summary = densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", **{**REFINE, **options}))
     assert summary["refine"]["centre_sampling"] == "class"

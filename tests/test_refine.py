@@ -120,6 +120,21 @@ def test_pseudo_labels_only_confident_and_never_on_the_annotation():
     assert out.tolist() == [[[0, 2, 2]]]
 
 
+def test_class_balanced_pseudo_labels_keep_the_most_confident_share_of_every_class():
+    """Class 1 wins four unannotated voxels, none at the 0.8 threshold: with a class fraction
+    of 0.5 its two most confident become pseudo-labels; class 0 (all above 0.8) is unchanged,
+    the annotated voxel stays free of pseudo-labels."""
+    p1 = np.array([0.1, 0.05, 0.6, 0.7, 0.65, 0.55, 0.9], np.float32)
+    probs = np.stack([1 - p1, p1])[:, None, None, :]  # (2, 1, 1, 7)
+    label = np.array([[[2, 2, 2, 2, 2, 2, 1]]], np.uint8)
+    plain = pseudo_labels(probs, label, ignore_index=2, threshold=0.8)
+    assert plain.tolist() == [[[0, 0, 2, 2, 2, 2, 2]]]
+    balanced = pseudo_labels(probs, label, ignore_index=2, threshold=0.8, class_fraction=0.5)
+    assert balanced.tolist() == [[[0, 0, 2, 1, 1, 2, 2]]]
+    every = pseudo_labels(probs, label, ignore_index=2, threshold=0.8, class_fraction=1.0)
+    assert every.tolist() == [[[0, 0, 1, 1, 1, 1, 2]]]
+
+
 def test_fit_tile_keeps_the_pooling_multiple():
     assert fit_tile((32, 64, 64), (31, 61, 57), 4) == (28, 60, 56)
     assert fit_tile((32, 64, 64), (2, 100, 100), 4) == (4, 64, 64)

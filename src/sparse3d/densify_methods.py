@@ -149,6 +149,13 @@ def check_refine_options(refine_cfg: DictConfig) -> None:
     rounds = refine_cfg.get("rounds", 1)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise UserError(f"refine.rounds must be a whole number >= 1, got {rounds!r}")
+    fraction = refine_cfg.get("pseudo_class_fraction")
+    if fraction is not None and (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise UserError(f"refine.pseudo_class_fraction must be null or in (0, 1], got {fraction!r}")
 
 
 def refine_deform(
@@ -227,7 +234,11 @@ def refining_network(
     from sparse3d.refine_module import RefineModule, fit_refiner
 
     k, ign = spec.num_classes, spec.ignore_index
-    pseudo = pseudo_labels(full, label, ign, float(refine_cfg.pseudo_threshold))
+    fraction = refine_cfg.get("pseudo_class_fraction")
+    pseudo = pseudo_labels(
+        full, label, ign, float(refine_cfg.pseudo_threshold),
+        None if fraction is None else float(fraction),
+    )  # fmt: skip
     x = np.concatenate([normalize_volume(image), crossfit]).astype(np.float32)
     torch.manual_seed(int(refine_cfg.seed))
     net = UNet(

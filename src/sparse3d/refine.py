@@ -144,14 +144,33 @@ def stacked_probabilities(
 
 
 def pseudo_labels(
-    probabilities: np.ndarray, label: np.ndarray, ignore_index: int, threshold: float
+    probabilities: np.ndarray,
+    label: np.ndarray,
+    ignore_index: int,
+    threshold: float,
+    class_fraction: float | None = None,
 ) -> np.ndarray:
     """``(Z, Y, X)`` uint8: the arg-max class where ``probabilities (K, Z, Y, X)`` reach
-    ``threshold`` and the voxel is not annotated, ``ignore_index`` elsewhere."""
+    ``threshold`` and the voxel is not annotated, ``ignore_index`` elsewhere.
+
+    ``class_fraction`` (class-balanced self-training): a class also keeps at least that
+    fraction of the unannotated voxels it wins, its most confident ones, even below
+    ``threshold``. A rare or hard class seldom reaches a global threshold (a forest that saw
+    31 ventricle voxels may win 1,700 voxels, none at 0.8); without its share of pseudo-labels
+    the network learns that it does not exist.
+    """
     top = probabilities.max(0)
-    out = probabilities.argmax(0).astype(np.uint8)
-    keep = (top >= threshold) & (label == ignore_index)
-    return np.where(keep, out, ignore_index).astype(np.uint8)
+    win = probabilities.argmax(0)
+    free = label == ignore_index
+    thresholds = np.full(probabilities.shape[0], float(threshold), np.float32)
+    if class_fraction is not None and class_fraction > 0:
+        for c in range(probabilities.shape[0]):
+            conf = top[free & (win == c)]
+            if conf.size:
+                q = float(np.quantile(conf, 1.0 - min(float(class_fraction), 1.0)))
+                thresholds[c] = min(thresholds[c], q)
+    keep = (top >= thresholds[win]) & free
+    return np.where(keep, win, ignore_index).astype(np.uint8)
 
 
 def fit_tile(input_tile: Sequence[int], shape_zyx: Sequence[int], multiple: int) -> tuple[int, ...]:
