@@ -20,6 +20,7 @@ from sparse3d.cli import UserError, quiet_lightning
 from sparse3d.densify_results import write_result
 
 if TYPE_CHECKING:
+    from sparse3d.data.transforms import RandPaperDeformd
     from sparse3d.data.volume import VolumeArrays
     from sparse3d.labels import LabelSpec
 
@@ -163,7 +164,7 @@ def refine_deform(
     input_tile: Sequence[int],
     ignore_index: int,
     voxel_size_zyx_um: tuple[float, float, float] | None,
-):
+) -> RandPaperDeformd | None:
     """The paper's spatial augmentation (B-spline field, rotation, scaling; Sec. 3.2) for the
     refining network's tiles when ``refine.deform`` is true, else None. Its settings are the
     paper's (``conf/augment/paper.yaml``); rotations are in micrometres."""
