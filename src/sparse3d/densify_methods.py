@@ -206,7 +206,7 @@ def refine_class_weights(
 def refining_network(
     image: np.ndarray,
     label: np.ndarray,
-    full: np.ndarray,
+    teacher: np.ndarray,
     crossfit: np.ndarray,
     spec: LabelSpec,
     refine_cfg: DictConfig,
@@ -216,7 +216,8 @@ def refining_network(
 ) -> np.ndarray:
     """The small same-padded U-Net of ``method=refine``, trained on ``image (C, Z, Y, X)`` and
     the held-out forest probabilities ``crossfit (K, Z, Y, X)`` with the annotation and the
-    confident pseudo-labels of ``full (K, Z, Y, X)``; returns its probabilities ``(K, Z, Y, X)``
+    confident pseudo-labels of ``teacher (K, Z, Y, X)`` (the forests' probabilities, or a
+    previous round's average); returns its probabilities ``(K, Z, Y, X)``
     and adds its steps and seconds to ``facts``. ``voxel_size_zyx_um``: for the rotations of
     ``refine.deform`` (None: isotropic)."""
     import torch
@@ -237,7 +238,7 @@ def refining_network(
     k, ign = spec.num_classes, spec.ignore_index
     fraction = refine_cfg.get("pseudo_class_fraction")
     pseudo = pseudo_labels(
-        full, label, ign, float(refine_cfg.pseudo_threshold),
+        teacher, label, ign, float(refine_cfg.pseudo_threshold),
         None if fraction is None else float(fraction),
     )  # fmt: skip
     x = np.concatenate([normalize_volume(image), crossfit]).astype(np.float32)

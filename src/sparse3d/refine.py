@@ -163,12 +163,12 @@ def pseudo_labels(
     win = probabilities.argmax(0)
     free = label == ignore_index
     thresholds = np.full(probabilities.shape[0], float(threshold), np.float32)
-    if class_fraction is not None and class_fraction > 0:
+    if class_fraction:
+        keep_from = 1.0 - min(float(class_fraction), 1.0)  # quantile of a class's confidences
         for c in range(probabilities.shape[0]):
             conf = top[free & (win == c)]
             if conf.size:
-                q = float(np.quantile(conf, 1.0 - min(float(class_fraction), 1.0)))
-                thresholds[c] = min(thresholds[c], q)
+                thresholds[c] = min(thresholds[c], float(np.quantile(conf, keep_from)))
     keep = (top >= thresholds[win]) & free
     return np.where(keep, win, ignore_index).astype(np.uint8)
 
