@@ -21,7 +21,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparse3d import bench
+    from sparse3d.bench import command as bench
     from sparse3d.data import realcases
     from sparse3d.metrics import summary_mean
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sparse3d.cli import quiet_lightning
     from sparse3d.data.volume import load_volume
-    from sparse3d.densify_methods import network_rounds, stacked_forests
+    from sparse3d.densify.methods import network_rounds, stacked_forests
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("case")

@@ -5,7 +5,7 @@ preset=cpu model=unet3d``) and built by ``sparse3d.experiment.build``: the learn
 network's volumes, training slices and held-out voxels; confusions are pooled as
 ``sparse3d.evaluation`` pools them. Two learners (``--method``):
 
-* ``rf``: an ilastik-style random forest (``sparse3d.rf``, ``rf:`` block of
+* ``rf``: an ilastik-style random forest (``sparse3d.densify.forests``, ``rf:`` block of
   ``conf/densify.yaml``), one per job, fitted on the training voxels of all training volumes,
   predicting each test volume (Tables 1-3);
 * ``refine``: densify's default, ``method=refine`` with the ``refine:`` and ``rf:`` blocks of
@@ -96,7 +96,7 @@ def run_job(table: int, key: Key, rf_cfg: Any, features: Callable[..., np.ndarra
     """Build one job, fit its forest on the training volumes, score it on the test volumes."""
     from hydra import compose, initialize_config_dir
 
-    from sparse3d.densify_methods import make_forest
+    from sparse3d.densify.methods import make_forest
     from sparse3d.experiment import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -118,7 +118,7 @@ def run_refine_job(table: int, key: Key, rf_cfg: Any, refine_cfg: Any) -> Scores
     with ``method=refine``; score the arg-max as :func:`run_job` does."""
     from hydra import compose, initialize_config_dir
 
-    from sparse3d.densify_methods import refine_volume
+    from sparse3d.densify.methods import refine_volume
     from sparse3d.experiment import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -138,9 +138,9 @@ def run_refine_job(table: int, key: Key, rf_cfg: Any, refine_cfg: Any) -> Scores
 
 
 def feature_cache(sigmas: Sequence[float]) -> Callable[..., np.ndarray]:
-    """``features(volume, voxel_size)``: ``sparse3d.rf.voxel_features`` of the volume's image,
+    """``features(volume, voxel_size)``: ``sparse3d.densify.features.voxel_features`` of the volume's image,
     computed once per volume (jobs share the volumes; reused only for an identical image)."""
-    from sparse3d.rf import voxel_features
+    from sparse3d.densify.features import voxel_features
 
     store: dict[tuple[str, tuple[float, ...]], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -241,7 +241,7 @@ def table_lines(
 
 
 def _machine() -> str:
-    from sparse3d.bench_runs import cpu_capability, git_commit, nproc
+    from sparse3d.bench.runs import cpu_capability, git_commit, nproc
 
     return (
         f"`get_cpu_capability()` = `{cpu_capability()}`, nproc {nproc()}, load average "
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         for block, c in settings.items()
     )
     learner = (
-        "Forest: `sparse3d.rf`; one per job, fitted on the training voxels of all its training "
+        "Forest: `sparse3d.densify.forests`; one per job, fitted on the training voxels of all its training "
         "volumes, predicting each test volume (pooled)."
         if args.method == "rf"
         else "refine: `method=refine` on each test volume from that volume's own training "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from sparse3d import bench
+from sparse3d.bench import command as bench
 from sparse3d.cli import CONF_DIR
 from sparse3d.data import realcases
 from sparse3d.data.annotation import slice_mask

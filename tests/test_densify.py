@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from sparse3d.cli import CONF_DIR, UserError
 from sparse3d.data.volume import VolumeMeta, load_volume, write_volume
-from sparse3d.densify import densify
+from sparse3d.densify.command import densify
 from sparse3d.labels import LabelSpec
 
 SHAPE = (24, 40, 40)

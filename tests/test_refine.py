@@ -7,18 +7,15 @@ import pytest
 import torch
 
 from sparse3d.data.annotation import slice_mask
-from sparse3d.models import UNet
-from sparse3d.refine import (
-    PlaneTiles,
+from sparse3d.densify.forests import (
+    RandomForestSegmenter,
     context_features,
     crossfit_probabilities,
-    fit_tile,
     plane_folds,
-    predict_same_padded,
-    pseudo_labels,
     stacked_probabilities,
 )
-from sparse3d.rf import RandomForestSegmenter
+from sparse3d.densify.network import PlaneTiles, fit_tile, predict_same_padded, pseudo_labels
+from sparse3d.models import UNet
 
 
 class RecordingForest:
@@ -97,7 +94,7 @@ def test_stacked_forests_learn_spheres_and_context_adds_channels():
     image = (truth + 0.4 * rng.standard_normal(shape)).astype(np.float32)[None]
     slices = {"z": (10,), "y": (12,), "x": (12,)}
     label = np.where(slice_mask(shape, slices), truth, 2).astype(np.uint8)
-    from sparse3d.rf import voxel_features
+    from sparse3d.densify.features import voxel_features
 
     feats = voxel_features(image, sigmas=(1.0, 2.0))
     forest = RandomForestSegmenter(2, 2, n_trees=10, n_jobs=1)
@@ -259,7 +256,7 @@ def test_slab_prediction_equals_one_pass():
 def test_test_time_flips_average_the_flipped_passes():
     """Each flipped pass is flipped back before averaging: the average equals the mean of the
     passes computed by hand, and a net that is symmetric under the flips is left unchanged."""
-    from sparse3d.refine import TTA_FLIPS
+    from sparse3d.densify.network import TTA_FLIPS
 
     torch.manual_seed(0)
     net = UNet(2, 3, base_channels=2, depth=2, padding="same", norm="none").eval()
@@ -283,7 +280,7 @@ def test_test_time_flips_average_the_flipped_passes():
 def test_refine_class_weights_from_the_annotated_voxels():
     """Balanced: inverse frequency of the annotated voxels, mean 1 over the present classes, 0
     for an absent one; sqrt: the square root, renormalised; unlabelled voxels do not count."""
-    from sparse3d.densify_methods import refine_class_weights
+    from sparse3d.densify.methods import refine_class_weights
 
     ign = 3
     label = np.full((4, 10, 10), ign, np.uint8)

@@ -1,18 +1,13 @@
-"""The random-forest voxel classifier (sparse3d.rf): features, sampling, fit and prediction."""
+"""The random-forest voxel classifier (sparse3d.densify.forests, sparse3d.densify.features): features, sampling, fit and prediction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from sparse3d.densify.features import feature_names, symmetric_eigvals3, voxel_features
+from sparse3d.densify.forests import RandomForestSegmenter, segment_rf
 from sparse3d.metrics import confusion_matrix, iou_summary
-from sparse3d.rf import (
-    RandomForestSegmenter,
-    feature_names,
-    segment_rf,
-    symmetric_eigvals3,
-    voxel_features,
-)
 
 SIGMAS = (1.0, 2.0)
 IGNORE = 7

@@ -24,7 +24,7 @@ a pivot of mean IoU on unannotated voxels (rows case/k, columns methods) and, wh
 labelled ``rf``, every method's margin over it.
 
 This module holds the command line and the loop over runs; one run (case file, child process,
-score, record) is :mod:`sparse3d.bench_runs`, the table :mod:`sparse3d.bench_table`.
+score, record) is :mod:`sparse3d.bench.runs`, the table :mod:`sparse3d.bench.table`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse3d.bench_runs import (
+from sparse3d.bench.runs import (
     RESULTS,
     append_result,
     bench_one,
@@ -56,7 +56,7 @@ from sparse3d.bench_runs import (
     run_key,
     score_run,
 )
-from sparse3d.bench_table import _fmt, _mean_of, render_table, write_table
+from sparse3d.bench.table import _fmt, _mean_of, render_table, write_table
 
 __all__ = [
     "DEFAULT_KS",

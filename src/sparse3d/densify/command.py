@@ -11,7 +11,7 @@ methods, ``method=``:
 - ``unet`` (default): the paper's network, trained on every annotated slice of the inputs
   (warm-starting from ``init_ckpt`` when given); each input is predicted with the seamless tiling
   predictor.
-- ``rf``: a random forest on filter features (``sparse3d.rf``, ilastik-style), fitted to each
+- ``rf``: a random forest on filter features (``sparse3d.densify.forests``, ilastik-style), fitted to each
   input's own annotated voxels and applied to all of its voxels; settings in ``rf:``.
 
 Both write ``<out>/<name>_seg.h5`` (the predictor's result layout) and ``<out>/<name>_seg.png``,
@@ -27,8 +27,8 @@ means unlabelled and code ``c >= 1`` is class ``c - 1``, as annotation tools wri
 codes) adds a dense ground truth to each imported input, for scoring only.
 
 This module runs the command and the paper's network; the inputs and their import are in
-:mod:`sparse3d.densify_inputs`, the per-volume methods ``rf`` and ``refine`` in
-:mod:`sparse3d.densify_methods`, result writing and scoring in :mod:`sparse3d.densify_results`.
+:mod:`sparse3d.densify.inputs`, the per-volume methods ``rf`` and ``refine`` in
+:mod:`sparse3d.densify.methods`, result writing and scoring in :mod:`sparse3d.densify.results`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from omegaconf import DictConfig
 
 from sparse3d.atomic import write_json_atomic
 from sparse3d.cli import UserError, run_hydra
-from sparse3d.densify_inputs import check_targets, configure_inputs
-from sparse3d.densify_methods import Segment, random_forest, refine, refine_probabilities
-from sparse3d.densify_results import iou_line, score
+from sparse3d.densify.inputs import check_targets, configure_inputs
+from sparse3d.densify.methods import Segment, random_forest, refine, refine_probabilities
+from sparse3d.densify.results import iou_line, score
 from sparse3d.distributed import is_global_zero
 from sparse3d.experiment import resolve_volumes
 from sparse3d.train import train

@@ -1,7 +1,7 @@
 """One run of the densify benchmark (layer 3): the environment it ran in, its case file, its
 densify child process (wall time, peak memory, the error line of a failure), its score, and its
 record in ``<out>/results.jsonl``. The loop over runs and the command line are in
-:mod:`sparse3d.bench`, the markdown table in :mod:`sparse3d.bench_table`.
+:mod:`sparse3d.bench`, the markdown table in :mod:`sparse3d.bench.table`.
 """
 
 from __future__ import annotations

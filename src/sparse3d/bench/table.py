@@ -1,6 +1,6 @@
 """The markdown report of the densify benchmark (layer 3): cases, methods, every run, the pivot
 of mean IoU on unannotated voxels and, when a method is labelled ``rf``, every method's margin
-over it; rendered from the records of ``<out>/results.jsonl`` (:mod:`sparse3d.bench_runs`).
+over it; rendered from the records of ``<out>/results.jsonl`` (:mod:`sparse3d.bench.runs`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sparse3d.atomic import write_text_atomic
-from sparse3d.bench_runs import _read_json, environment, read_results, run_key
+from sparse3d.bench.runs import _read_json, environment, read_results, run_key
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

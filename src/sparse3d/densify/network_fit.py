@@ -1,6 +1,6 @@
-"""Lightning training of densify's refining network (layer 2; see :mod:`sparse3d.refine`).
+"""Lightning training of densify's refining network (layer 2; see :mod:`sparse3d.densify.network`).
 
-:func:`fit_refiner` trains a same-padded U-Net on :class:`sparse3d.refine.PlaneTiles` with
+:func:`fit_refiner` trains a same-padded U-Net on :class:`sparse3d.densify.network.PlaneTiles` with
 Lightning's Trainer for at most ``max_steps`` steps or ``time_budget_s`` seconds, whichever
 comes first. The learning rate warms up, then follows a cosine to zero over the *progress* of the
 run, the larger of the step and the time fraction, so a run cut by its time budget still ends
@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from sparse3d.densify.network import PlaneTiles
 from sparse3d.losses import MaskedCrossEntropy
 from sparse3d.models import UNet
-from sparse3d.refine import PlaneTiles
 
 
 class RefineModule(L.LightningModule):

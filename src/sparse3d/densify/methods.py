@@ -1,5 +1,5 @@
 """The per-volume methods of ``python -m sparse3d.densify`` that learn from each volume alone
-(layer 3): ``method=rf`` (a random forest on filter features, ``sparse3d.rf``) and
+(layer 3): ``method=rf`` (a random forest on filter features, ``sparse3d.densify.forests``) and
 ``method=refine`` (cross-fitted, stacked forests, then a small same-padded U-Net on the image
 and the forests' probabilities). The paper's network (``method=unet``), trained once on every
 input, lives in :mod:`sparse3d.densify`.
@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sparse3d.cli import UserError, quiet_lightning
-from sparse3d.densify_results import write_result
+from sparse3d.densify.results import write_result
 
 if TYPE_CHECKING:
     from sparse3d.data.transforms import RandPaperDeformd
@@ -40,7 +40,7 @@ def _rf_probabilities(
 ) -> np.ndarray:
     """The random forest on one volume: image ``(C, Z, Y, X)`` and sparse ``label (Z, Y, X)``
     -> class probabilities ``(K, Z, Y, X)`` float32 (settings from the ``rf:`` block)."""
-    from sparse3d.rf import segment_rf
+    from sparse3d.densify.forests import segment_rf
 
     kwargs = OmegaConf.to_container(rf_cfg, resolve=True)
     assert isinstance(kwargs, dict)
@@ -88,7 +88,7 @@ def random_forest(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, fl
 def make_forest(num_classes: int, ignore_index: int, rf_cfg: DictConfig, **override: Any):
     """The random forest the ``rf:`` config describes (its ``sigmas`` are the features', not
     the forest's); ``override`` replaces single settings (e.g. ``n_trees``)."""
-    from sparse3d.rf import RandomForestSegmenter
+    from sparse3d.densify.forests import RandomForestSegmenter
 
     kwargs = {k: v for k, v in OmegaConf.to_container(rf_cfg, resolve=True).items()}
     kwargs.pop("sigmas", None)
@@ -108,9 +108,9 @@ def stacked_forests(
     """The forests of ``method=refine`` on ``image (C, Z, Y, X)`` and ``label (Z, Y, X)``,
     annotated on the planes ``slices`` (``{"z": [...], ...}``; none: nothing is held out):
     ``(full, crossfit)`` probabilities ``(K, Z, Y, X)`` of the stacked forests fitted to every
-    annotated plane, and held out plane by plane (``sparse3d.refine.stacked_probabilities``)."""
-    from sparse3d.refine import stacked_probabilities
-    from sparse3d.rf import voxel_features
+    annotated plane, and held out plane by plane (``sparse3d.densify.forests.stacked_probabilities``)."""
+    from sparse3d.densify.features import voxel_features
+    from sparse3d.densify.forests import stacked_probabilities
 
     k, ign = spec.num_classes, spec.ignore_index
     features = voxel_features(image, voxel_size_zyx_um, tuple(rf_cfg.sigmas))
@@ -136,7 +136,7 @@ CLASS_WEIGHTS = (None, "balanced", "sqrt")
 def check_refine_options(refine_cfg: DictConfig) -> None:
     """The refine options that name a choice, checked before any work: one ``UserError`` line."""
     from sparse3d.axes import AXES
-    from sparse3d.refine import CENTRE_SAMPLING
+    from sparse3d.densify.network import CENTRE_SAMPLING
 
     weights = refine_cfg.get("class_weights")
     if weights not in CLASS_WEIGHTS:
@@ -225,15 +225,15 @@ def refining_network(
     from sparse3d.axes import AXES
     from sparse3d.callbacks import ProgressLog
     from sparse3d.data.normalize import normalize_volume
-    from sparse3d.models import UNet
-    from sparse3d.refine import (
+    from sparse3d.densify.network import (
         TTA_FLIPS,
         PlaneTiles,
         fit_tile,
         predict_same_padded,
         pseudo_labels,
     )
-    from sparse3d.refine_module import RefineModule, fit_refiner
+    from sparse3d.densify.network_fit import RefineModule, fit_refiner
+    from sparse3d.models import UNet
 
     k, ign = spec.num_classes, spec.ignore_index
     fraction = refine_cfg.get("pseudo_class_fraction")

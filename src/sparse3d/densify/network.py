@@ -1,6 +1,8 @@
-"""Shallow first, deep second: the parts of densify's ``refine`` method (layer 1).
+"""Shallow first, deep second: the refining network of densify's ``refine`` method (layer 1):
+its pseudo-labels, training tiles and same-padded prediction. The forests are
+:mod:`sparse3d.densify.forests`.
 
-A random forest on filter features (:mod:`sparse3d.rf`) turns the user's few annotated planes
+A random forest on filter features (:mod:`sparse3d.densify.forests`) turns the user's few annotated planes
 into dense class probabilities in about a minute; a small 3D U-Net then learns from the image
 *and* those probabilities, on the annotated voxels (weight 1) and on the forest's confident
 predictions elsewhere (pseudo-labels, a lower weight), and its softmax is averaged with the
@@ -22,125 +24,13 @@ Two pitfalls this module handles:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from sparse3d.axes import AXES
-from sparse3d.data.annotation import slice_mask
-from sparse3d.rf import RandomForestSegmenter
-
-
-def plane_folds(
-    slices: Mapping[str, Sequence[int]], n_folds: int
-) -> list[dict[str, tuple[int, ...]]]:
-    """Deal the annotated planes into at most ``n_folds`` non-empty folds, diagonally.
-
-    The ``r``-th plane (in position order) of the ``a``-th axis (z, y, x) goes to fold
-    ``(r + a) % n``, so a fold mixes orientations *and* positions: with 3 planes per axis and
-    3 folds each fold holds one plane of every axis, and the three middle planes lie in three
-    different folds. (Dealing axis by axis, round robin, put the ``r``-th plane of every axis in
-    fold ``r``: holding out the middle fold removed every plane through the middle of the
-    volume, so a structure found only there was never in the fold forest's training.)
-    E.g. ``{"z": (5,), "y": (9,), "x": (3, 7)}`` with 2 folds gives
-    ``[{"z": (5,), "x": (3,)}, {"y": (9,), "x": (7,)}]`` (axes without planes omitted).
-    """
-    planes = [
-        (a, ax, r, int(i))
-        for a, ax in enumerate(AXES)
-        for r, i in enumerate(sorted(slices.get(ax, ())))
-    ]
-    n = max(1, min(int(n_folds), len(planes)))
-    folds: list[dict[str, list[int]]] = [{} for _ in range(n)]
-    for a, ax, r, i in planes:
-        folds[(r + a) % n].setdefault(ax, []).append(i)
-    return [{ax: tuple(v) for ax, v in f.items()} for f in folds if f]
-
-
-def crossfit_probabilities(
-    features: np.ndarray,
-    label: np.ndarray,
-    slices: Mapping[str, Sequence[int]],
-    forest: RandomForestSegmenter,
-    fold_forest: RandomForestSegmenter,
-    n_folds: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forest probabilities with and without the stacking leak.
-
-    Args:
-        features: ``(F, Z, Y, X)`` voxel features.
-        label: ``(Z, Y, X)`` sparse label (``forest.ignore_index`` where unlabelled).
-        slices: the annotated planes ``{"z": ..., "y": ..., "x": ...}``.
-        forest: fitted on every labelled voxel and predicts the whole volume.
-        fold_forest: refitted once per fold on the other folds' voxels; predicts only the
-            voxels of its fold's planes (so it may be smaller than ``forest``).
-        n_folds: number of plane folds.
-
-    Returns:
-        ``(full, crossfit)``, both ``(K, Z, Y, X)`` float32: ``full`` from ``forest``
-        everywhere; ``crossfit`` equal to ``full`` off the planes and, on each fold's planes,
-        the prediction of the forest that did not see them (a voxel on two folds' planes keeps
-        the later fold's). With a single fold there is nothing to hold out: both are ``full``.
-    """
-    ign = forest.ignore_index
-    forest.fit(features, label)
-    full = forest.predict_proba(features)
-    crossfit = full.copy()
-    folds = plane_folds(slices, n_folds)
-    if len(folds) < 2:
-        return full, crossfit
-    shape = label.shape
-    for fold in folds:
-        held = slice_mask(shape, fold)
-        train = np.where(held, ign, label).astype(label.dtype)
-        if not bool((train != ign).any()):
-            continue
-        fold_forest.fit(features, train)
-        idx = np.flatnonzero(held.ravel())
-        sub = features.reshape(features.shape[0], -1)[:, idx][:, :, None, None]  # (F, N, 1, 1)
-        probs = fold_forest.predict_proba(sub)[:, :, 0, 0]  # (K, N)
-        crossfit.reshape(crossfit.shape[0], -1)[:, idx] = probs
-    return full, crossfit
-
-
-def context_features(probabilities: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
-    """Auto-context: ``probabilities (K, Z, Y, X)`` and their Gaussian smoothings at each sigma
-    (voxels) -> ``(K * (1 + len(sigmas)), Z, Y, X)`` float32, what a next stage learns from."""
-    from scipy import ndimage as ndi
-
-    out = [probabilities.astype(np.float32)]
-    for s in sigmas:
-        out.append(np.stack([ndi.gaussian_filter(p, float(s)) for p in probabilities]))
-    return np.concatenate(out).astype(np.float32)
-
-
-def stacked_probabilities(
-    features: np.ndarray,
-    label: np.ndarray,
-    slices: Mapping[str, Sequence[int]],
-    forest: RandomForestSegmenter,
-    fold_forest: RandomForestSegmenter,
-    stages: int = 2,
-    context_sigmas: Sequence[float] = (1.0, 3.0, 6.0),
-    n_folds: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``stages`` cross-fitted forests, each after the first also seeing the smoothed
-    probabilities of the one before (auto-context); returns the last stage's ``(full,
-    crossfit)`` as :func:`crossfit_probabilities` does.
-
-    A stage learns from the previous stage's *cross-fitted* probabilities (honest on the
-    annotated planes), so it learns how far to trust them, not to copy them.
-    """
-    full, crossfit = crossfit_probabilities(features, label, slices, forest, fold_forest, n_folds)
-    for _ in range(1, int(stages)):
-        stage_features = np.concatenate([features, context_features(crossfit, context_sigmas)])
-        full, crossfit = crossfit_probabilities(
-            stage_features, label, slices, forest, fold_forest, n_folds
-        )
-        del stage_features
-    return full, crossfit
 
 
 def pseudo_labels(

@@ -1,0 +1,3 @@
+from sparse3d.bench.command import main
+
+main()

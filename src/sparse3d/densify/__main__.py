@@ -1,0 +1,3 @@
+from sparse3d.densify.command import main
+
+main()
