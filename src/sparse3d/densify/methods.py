@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,27 @@ log = logging.getLogger("sparse3d.densify")
 #: One volume through a method: (source volume, result file, picture) -> the seconds the method
 #: spent on it (prediction; a shared training is added by the caller).
 Segment = Callable[[Path, Path, Path], float]
+
+
+class Cancelled(Exception):
+    """The run was stopped by ``Hooks.should_stop`` (a viewer's Cancel)."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller that is not a terminal (a viewer's worker) hears of a run and how it stops
+    it: ``progress(stage, fraction)`` at each stage and network step, ``should_stop()`` polled
+    between stages and after each network step (the run then raises :class:`Cancelled`)."""
+
+    progress: Callable[[str, float], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+    def stage(self, name: str, fraction: float = 0.0) -> None:
+        """Report ``name`` and raise :class:`Cancelled` if a stop was asked for."""
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(f"cancelled before {name}")
+        if self.progress is not None:
+            self.progress(name, float(fraction))
 
 
 def _rf_probabilities(
@@ -213,6 +235,7 @@ def refining_network(
     progress_bar: bool,
     facts: dict[str, Any],
     voxel_size_zyx_um: tuple[float, float, float] | None = None,
+    hooks: Hooks | None = None,
 ) -> np.ndarray:
     """The small same-padded U-Net of ``method=refine``, trained on ``image (C, Z, Y, X)`` and
     the held-out forest probabilities ``crossfit (K, Z, Y, X)`` with the annotation and the
@@ -232,7 +255,7 @@ def refining_network(
         predict_same_padded,
         pseudo_labels,
     )
-    from sparse3d.densify.network_fit import RefineModule, fit_refiner
+    from sparse3d.densify.network_fit import RefineModule, ReportAndStop, fit_refiner
     from sparse3d.models import UNet
 
     k, ign = spec.num_classes, spec.ignore_index
@@ -276,10 +299,14 @@ def refining_network(
         class_weights=refine_class_weights(label, k, refine_cfg.get("class_weights")),
     )
     callbacks = [] if progress_bar else [ProgressLog()]  # log lines when piped
+    if hooks is not None:
+        callbacks.append(ReportAndStop(hooks.progress, hooks.should_stop))
     fit = fit_refiner(
         module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar, callbacks=callbacks
     )
     facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
+    if hooks is not None:
+        hooks.stage("prediction")
     net.eval()
     flips = TTA_FLIPS if refine_cfg.get("tta", False) else ((),)
     return predict_same_padded(
@@ -301,23 +328,29 @@ def refine_volume(
     rf_cfg: DictConfig,
     refine_cfg: DictConfig,
     progress_bar: bool,
+    hooks: Hooks | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``method=refine`` on ``image (C, Z, Y, X)`` annotated by ``label (Z, Y, X)`` on the
     planes ``slices``: cross-fitted, stacked forests, then a small same-padded U-Net on the
     image and the forests' probabilities (annotation + confident pseudo-labels), averaged with
-    the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary."""
+    the forest. Returns ``probabilities (K, Z, Y, X)`` and facts for the summary. ``hooks``:
+    progress and cancellation for a caller such as a viewer."""
+    hooks = hooks or Hooks()
     image = np.asarray(image, dtype=np.float32)
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
+    hooks.stage("forests")
     full, crossfit = stacked_forests(
         image, label, slices, voxel_size_zyx_um, spec, rf_cfg, refine_cfg
     )
     facts["forest_seconds"] = round(time.perf_counter() - t0, 1)
     if int(refine_cfg.max_steps) <= 0:
         return full, facts
+    hooks.stage("network")
     probs, _ = network_rounds(
-        image, label, full, crossfit, spec, refine_cfg, progress_bar, facts, voxel_size_zyx_um
-    )
+        image, label, full, crossfit, spec, refine_cfg, progress_bar, facts, voxel_size_zyx_um,
+        hooks,
+    )  # fmt: skip
     return probs, facts
 
 
@@ -331,6 +364,7 @@ def network_rounds(
     progress_bar: bool,
     facts: dict[str, Any],
     voxel_size_zyx_um: tuple[float, float, float] | None = None,
+    hooks: Hooks | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``refine.rounds`` trainings of the refining network (:func:`refining_network`), each
     averaged with the forests' ``full (K, Z, Y, X)`` (``refine.forest_weight``). The first round
@@ -345,7 +379,7 @@ def network_rounds(
         round_facts: dict[str, Any] = {}
         net = refining_network(
             image, label, teacher, crossfit, spec, cfg_r, progress_bar, round_facts,
-            voxel_size_zyx_um,
+            voxel_size_zyx_um, hooks,
         )  # fmt: skip
         teacher = (1.0 - w) * net + w * full
         if r == 0:

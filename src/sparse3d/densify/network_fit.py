@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -90,6 +90,25 @@ class RefineModule(L.LightningModule):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ReportAndStop(L.Callback):
+    """Reports the training's progress after each step as ``progress("network", fraction)`` and
+    stops the run at the next step when ``should_stop()`` turns true (a viewer's Cancel)."""
+
+    def __init__(
+        self,
+        progress: Callable[[str, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.progress = progress
+        self.should_stop = should_stop
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.progress is not None:
+            self.progress("network", float(pl_module.progress()))
+        if self.should_stop is not None and self.should_stop():
+            trainer.should_stop = True
 
 
 def fit_refiner(
