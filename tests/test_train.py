@@ -356,8 +356,9 @@ def test_wandb_run_is_finished_when_a_job_fails(monkeypatch, tmp_path):
     monkeypatch.setattr(experiment, "build", lambda cfg: job)
     monkeypatch.setattr("sparse3d.train._save_config", lambda cfg, job, path: None)
     monkeypatch.setattr(fitting, "make_loggers", lambda cfg, run_dir: ([], object()))
+    monkeypatch.setattr(fitting, "periodic_evaluation", lambda cfg, job: None)
 
-    def broken_trainer(cfg, run_dir, loggers):
+    def broken_trainer(cfg, run_dir, loggers, extra_callbacks=()):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(fitting, "make_trainer", broken_trainer)

@@ -144,7 +144,11 @@ def add_confusions(
 
 
 def evaluate_volumes(
-    net: UNet, volumes: Sequence[Any], class_names: Sequence[str], ignore_index: int
+    net: UNet,
+    volumes: Sequence[Any],
+    class_names: Sequence[str],
+    ignore_index: int,
+    voxel_sets: Sequence[str] = VOXEL_SETS,
 ) -> tuple[dict[str, dict[str, Any] | None], dict[str, np.ndarray]]:
     """Predict each volume and score it; returns ``(summaries, {name: labels (Z, Y, X)})``.
 
@@ -152,9 +156,13 @@ def evaluate_volumes(
     held-out voxels: test slices less their crossings with training slices, the paper's test),
     ``eval_label_all`` (every voxel of the test slices, or None = ``eval_label``) and
     ``dense_label`` (the dense ground truth, or None). Confusions are pooled over the volumes:
-    ``heldout``, ``heldout_all``, ``all_voxels``.
+    ``heldout``, ``heldout_all``, ``all_voxels``; ``voxel_sets`` names those to score (the
+    periodic evaluation during training scores ``heldout`` only).
     """
-    total: dict[str, np.ndarray | None] = dict.fromkeys(VOXEL_SETS)
+    unknown = set(voxel_sets) - set(VOXEL_SETS)
+    if unknown:
+        raise ValueError(f"unknown voxel sets {sorted(unknown)}: choose from {VOXEL_SETS}")
+    total: dict[str, np.ndarray | None] = dict.fromkeys(voxel_sets)
     predictions = {}
     label = labeller(net) if volumes else None
     for vol in volumes:
@@ -164,6 +172,7 @@ def evaluate_volumes(
             "heldout_all": vol.eval_label if vol.eval_label_all is None else vol.eval_label_all,
             "all_voxels": vol.dense_label,
         }
+        refs = {tag: refs[tag] for tag in voxel_sets}
         add_confusions(total, score(pred, refs, class_names, ignore_index))
         predictions[vol.name] = pred
     return summaries(total, class_names), predictions

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,37 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Any], Any]:
     return loggers, wandb_logger
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any]):
+def periodic_evaluation(cfg: DictConfig, job: Any):
+    """The held-out evaluation every ``val_every_n_steps`` steps (a
+    :class:`~sparse3d.callbacks.PeriodicEvaluation` of the job's test volumes), or None when
+    ``val_every_n_steps`` is 0/null or the job holds nothing out. The final step is left to the
+    evaluation after training, which logs the same ``val/iou`` values."""
+    from sparse3d.callbacks import PeriodicEvaluation
+
+    every = cfg.get("val_every_n_steps")
+    if not every:
+        return None
+    if int(every) < 0:
+        raise UserError(f"val_every_n_steps must be >= 0 (0: off), got {every}")
+    vols = [job.datamodule.volumes[n] for n in sorted(job.split.test)]
+    labels = job.facts.labels
+    cb = PeriodicEvaluation(
+        vols,
+        labels.class_names,
+        labels.ignore_index,
+        every_n_steps=int(every),
+        skip_steps=(int(cfg.trainer.max_steps),),
+    )
+    return cb if cb.volumes else None
+
+
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, loggers: list[Any], extra_callbacks: Sequence[Any] = ()
+):
     """The ``lightning.Trainer`` of ``cfg.trainer``: checkpoints every
     ``checkpoint_every_n_steps`` into ``<run>/checkpoints``, the learning rate logged, a progress
-    bar on a terminal and log lines otherwise."""
+    bar on a terminal and log lines otherwise, and ``extra_callbacks`` (the periodic
+    evaluation)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -66,6 +94,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any]):
             save_top_k=-1,
         ),
         LearningRateMonitor(logging_interval="step"),
+        *extra_callbacks,
     ]
     bar = progress_bar(cfg.trainer)
     if not bar:
@@ -184,8 +213,12 @@ def progress_bar(trainer_cfg: DictConfig) -> bool:
 
 
 def log_scores(loggers: list[Any], scores: dict[str, Any], step: int) -> None:
-    """``val/iou_<voxel set>/<class|mean>`` scalars of the evaluation for every logger."""
-    values: dict[str, float] = {}
+    """``val/iou_<voxel set>/<class|mean>`` scalars of the evaluation for every logger, and the
+    held-out ``val/iou``, ``val/iou_<class>`` of the periodic evaluation (the curve's last
+    point)."""
+    from sparse3d.callbacks import heldout_values
+
+    values: dict[str, float] = heldout_values(scores.get("heldout"))
     for tag, summary in scores.items():
         if not summary:
             continue
@@ -196,6 +229,7 @@ def log_scores(loggers: list[Any], scores: dict[str, Any], step: int) -> None:
             values[f"val/iou_{tag}/mean"] = float(summary["mean"])
     for lg in loggers:
         lg.log_metrics(values, step=step)
+        lg.save()  # after fit nothing else flushes the CSV log
 
 
 def log_results_to_wandb(wandb_logger, scores: dict[str, Any], class_names, pictures) -> None:

@@ -44,7 +44,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     _save_config(cfg, job, run_dir / CONFIG)
     loggers, wandb_logger = fitting.make_loggers(cfg, run_dir)
     try:
-        trainer = fitting.make_trainer(cfg, run_dir, loggers)
+        periodic = fitting.periodic_evaluation(cfg, job)
+        trainer = fitting.make_trainer(cfg, run_dir, loggers, [periodic] if periodic else [])
         trainer.fit(
             job.module, datamodule=job.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
         )
