@@ -153,3 +153,65 @@ def test_the_one_batch_statistics_norm_and_its_plain_fallback_agree(inplace):
             var, x.var(dim=(0, 2, 3, 4), unbiased=False), atol=1e-4, rtol=1e-4
         )
         assert (y.data_ptr() == xin.data_ptr()) == inplace
+
+
+# -- initialisation ---------------------------------------------------------------------------
+def _convs(net):
+    kinds = (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    return [m for m in net.modules() if isinstance(m, kinds)]
+
+
+@pytest.mark.parametrize("init", ["he", "torch"])
+def test_init_std_of_every_convolution(init):
+    """He: std sqrt(2 / fan_in), zero biases; PyTorch's default: std 1 / sqrt(3 fan_in) with
+    PyTorch's own fan-in."""
+    from sparse3d.models.unet import fan_in
+
+    torch.manual_seed(0)
+    net = UNet(3, 3, norm="none", init=init)  # the paper's network
+    assert net.num_parameters() == 19_069_955
+    convs = _convs(net)
+    assert len(convs) == 2 * 4 + 3 * 3 + 1  # double convs, up-convs + their double convs, head
+    checked = 0
+    for m in convs:
+        w = m.weight.detach().double()
+        if w.numel() < 20_000:  # too few weights for a tight estimate (first conv, head)
+            continue
+        if init == "he":
+            want = (2.0 / fan_in(m)) ** 0.5
+        else:  # PyTorch's fan-in: weight.size(1) x kernel (out channels for an up-convolution)
+            want = (3.0 * torch.nn.init._calculate_fan_in_and_fan_out(m.weight)[0]) ** -0.5
+        assert float(w.std()) == pytest.approx(want, rel=0.03), m
+        assert abs(float(w.mean())) < 0.03 * want
+        if init == "he" and m.bias is not None:
+            assert torch.count_nonzero(m.bias) == 0
+        checked += 1
+    assert checked >= 15
+
+
+def test_fan_in_counts_incoming_connections():
+    from sparse3d.models.unet import fan_in
+
+    assert fan_in(torch.nn.Conv3d(64, 128, 3)) == 64 * 27
+    assert fan_in(torch.nn.Conv2d(8, 4, 3)) == 8 * 9
+    # kernel 2, stride 2: one tap per input channel reaches each output voxel
+    assert fan_in(torch.nn.ConvTranspose3d(256, 256, 2, stride=2)) == 256
+    assert fan_in(torch.nn.ConvTranspose3d(16, 16, 4, stride=2)) == 16 * 8
+
+
+def test_he_init_keeps_the_signal_of_a_network_without_bn():
+    """The reason for He: without normalisation PyTorch's default shrinks the logits' scale
+    by orders of magnitude over the layers; He keeps it near the input's."""
+    x = torch.randn(1, 3, 44, 44, 44)
+    scale = {}
+    for init in ("torch", "he"):
+        torch.manual_seed(0)
+        net = UNet(3, 3, base_channels=8, depth=3, norm="none", init=init)
+        with torch.no_grad():
+            scale[init] = float(net(x).std())
+    assert scale["he"] > 0.1 and scale["torch"] < 0.1 * scale["he"]
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        UNet(1, 2, base_channels=2, init="xavier")

@@ -8,6 +8,13 @@ keeping channels, concatenation with the centre-cropped skip, two convolutions. 
 
 With ``norm="none"`` the paper configuration has exactly 19,069,955 parameters, and with valid
 padding a 132x132x116 (x, y, z) input tile gives a 44x44x28 output tile.
+
+Initial weights (``init``): ``"torch"`` keeps PyTorch's default for convolutions
+(``kaiming_uniform(a=sqrt(5))``, std ``1 / sqrt(3 N)``: a variance gain of 1/6 per ReLU layer, so
+the signal of a deep network without normalisation shrinks layer by layer); ``"he"`` draws every
+convolution's weights from a Gaussian with std ``sqrt(2 / N)`` (He et al. 2015; the U-Net papers'
+choice, Ronneberger et al. 2015 Sec. 3), biases 0. ``N`` is the number of incoming connections of
+one output voxel (:func:`fan_in`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,40 @@ from torch import nn
 from sparse3d.crop import center_crop
 from sparse3d.models.blocks import DoubleConv, PaperBatchNorm, Up, conv_cls
 from sparse3d.models.geometry import UNetGeometry
+
+INITS = ("torch", "he")
+_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def fan_in(conv: nn.Module) -> int:
+    """Incoming connections of one output voxel of ``conv``: ``in_channels x prod(kernel)`` for a
+    convolution; for an up-convolution ``in_channels x prod(kernel / stride)`` (with the paper's
+    kernel 2, stride 2 each output voxel sees one tap per input channel)."""
+    k = [int(v) for v in conv.kernel_size]
+    n = conv.in_channels // conv.groups
+    if isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        taps = 1.0
+        for kk, ss in zip(k, conv.stride, strict=True):
+            taps *= max(kk / int(ss), 1.0)
+        return max(int(round(n * taps)), 1)
+    for kk in k:
+        n *= kk
+    return n
+
+
+def init_weights(net: nn.Module, init: str, generator: torch.Generator | None = None) -> None:
+    """Re-initialise every convolution of ``net`` (see the module doc): ``"torch"`` leaves the
+    weights alone, ``"he"`` draws N(0, 2 / fan_in) weights and zero biases."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "torch":
+        return
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, _CONVS):
+                m.weight.normal_(0.0, (2.0 / fan_in(m)) ** 0.5, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
 
 
 class UNet(nn.Module):
@@ -37,6 +78,8 @@ class UNet(nn.Module):
         norm: ``"batch"`` (paper, BN before each ReLU), ``"instance"`` or ``"none"``.
         bn_eval_stats: test-time BN statistics, ``"batch"`` (paper's choice for batch size 1)
             or ``"running"``.
+        init: initial convolution weights, ``"torch"`` (PyTorch's default) or ``"he"``
+            (Gaussian, std ``sqrt(2 / fan_in)``); see the module doc.
     """
 
     def __init__(
@@ -49,8 +92,11 @@ class UNet(nn.Module):
         padding: str = "valid",
         norm: str = "batch",
         bn_eval_stats: str = "batch",
+        init: str = "torch",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.geometry = UNetGeometry(depth=depth, padding=padding)
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -72,6 +118,8 @@ class UNet(nn.Module):
             c_in = skips[level]
         self.head = conv_cls(dim)(c_in, num_classes, kernel_size=1)
         self.bn_eval_stats = bn_eval_stats
+        self.init = init
+        init_weights(self, init)
 
     # -- test-time batch normalisation -------------------------------------------------------
     @property
