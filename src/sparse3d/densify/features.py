@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
-from sparse3d.data.normalize import normalize_volume
+from sparse3d.data.normalize import apply_percentiles, normalize_volume
 
 #: Scales (in voxels of the finest axis) of ilastik's default feature set.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.0, 1.6, 3.5, 5.0)
@@ -134,6 +134,25 @@ def _derivatives(
     return out
 
 
+def feature_halo(
+    sigmas: Sequence[float] = DEFAULT_SIGMAS, voxel_size_zyx_um: Sequence[float] | None = None
+) -> tuple[int, int, int]:
+    """Voxels ``(z, y, x)`` of context each side that :func:`voxel_features` reads for one
+    voxel: the derivative filters' radius plus the structure tensor's integration radius (SciPy
+    truncates Gaussians at 4 sigma). A block computed with this much of its neighbours around it
+    (or the volume's edge) has exactly the features of the whole-volume pass."""
+    ratio = _axis_ratios(voxel_size_zyx_um)
+    out = []
+    for r in ratio:
+        out.append(
+            max(
+                int(4.0 * s / r + 0.5) + int(4.0 * STRUCTURE_OUTER_FRACTION * s / r + 0.5)
+                for s in _sigmas(sigmas)
+            )
+        )
+    return tuple(out)  # type: ignore[return-value]
+
+
 def symmetric_eigvals3(
     a11: np.ndarray,
     a22: np.ndarray,
@@ -183,11 +202,15 @@ def voxel_features(
     image: np.ndarray,
     voxel_size_zyx_um: Sequence[float] | None = None,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    percentiles: np.ndarray | None = None,
+    threads: int | None = None,
+    crop: Sequence[slice] | None = None,
 ) -> np.ndarray:
     """Filter-bank features of every voxel: image ``(C, Z, Y, X)`` -> ``(F, Z, Y, X)`` float32.
 
     Each channel is first normalised by its robust percentiles (1 -> 0, 99.5 -> 1;
-    ``sparse3d.data.normalize``). Per channel the features are the normalised intensity and, at
+    ``sparse3d.data.normalize``): ``percentiles (C, 2)`` when given (a block of a larger volume
+    is normalised by the volume's), else this image's own. Per channel the features are the normalised intensity and, at
     each sigma: Gaussian smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, the
     difference of Gaussians with the previous sigma (from the second sigma on), the three
     eigenvalues of the structure tensor (derivatives at sigma, integrated at sigma / 2) and the
@@ -199,9 +222,13 @@ def voxel_features(
         voxel_size_zyx_um: voxel size (z, y, x) in micrometres; filters are made isotropic in
             physical space. None: voxels are cubes.
         sigmas: scales in voxels of the finest axis.
+        percentiles: ``(C, 2)`` low/high intensities mapped to 0/1 (None: from ``image``).
+        threads: filter passes run in parallel (None: every core this process may use).
+        crop: ``(z, y, x)`` slices: filter the whole ``image`` (a block with its halo) but keep
+            only these voxels (the block's core); eigenvalues are computed for them alone.
 
     Returns:
-        ``(F, Z, Y, X)`` float32, finite for finite input.
+        ``(F, Z, Y, X)`` float32 (or ``(F, *crop)``), finite for finite input.
     """
     image = np.asarray(image)
     if image.ndim != 4:
@@ -211,8 +238,10 @@ def voxel_features(
     c = image.shape[0]
     shape = image.shape[1:]
     names = feature_names(c, sig)
-    feats = np.empty((len(names), *shape), dtype=np.float32)
-    norm = normalize_volume(image)
+    box = tuple(slice(None) for _ in range(3)) if crop is None else tuple(crop)
+    kept = tuple(len(range(*b.indices(n))) for b, n in zip(box, shape))
+    feats = np.empty((len(names), *kept), dtype=np.float32)
+    norm = normalize_volume(image) if percentiles is None else apply_percentiles(image, percentiles)
     bar = tqdm(
         total=c * len(sig),
         desc="voxel features",
@@ -221,13 +250,13 @@ def voxel_features(
         disable=math.prod(shape) * c < PROGRESS_MIN_VOXELS,
     )
     k = 0
-    with bar, ThreadPoolExecutor(_workers()) as pool:
+    with bar, ThreadPoolExecutor(threads or _workers()) as pool:
         for ch in range(c):
-            feats[k] = norm[ch]
+            feats[k] = norm[ch][box]
             k += 1
             previous = -1
             for s in sig:
-                k, previous = _features_at(norm[ch], s, ratio, feats, k, previous, pool.map)
+                k, previous = _features_at(norm[ch], s, ratio, feats, k, previous, pool.map, box)
                 bar.update(1)
     assert k == len(names)
     return feats
@@ -241,11 +270,14 @@ def _features_at(
     k: int,
     previous: int,
     pmap: Map = map,
+    box: tuple[slice, ...] = (slice(None),) * 3,
 ) -> tuple[int, int]:
-    """Write one channel's features at one ``sigma`` into ``feats[k:]``; returns the next index
-    and the index of this sigma's Gaussian (for the next difference of Gaussians)."""
+    """Write one channel's features at one ``sigma`` into ``feats[k:]`` (the voxels ``box`` of
+    ``channel``); returns the next index and the index of this sigma's Gaussian (for the next
+    difference of Gaussians)."""
     sigma_zyx = sigma / ratio
-    d = _derivatives(channel, sigma_zyx, ratio, pmap)
+    whole = _derivatives(channel, sigma_zyx, ratio, pmap)
+    d = {key: arr[box] for key, arr in whole.items()}
     gauss = k
     feats[k] = d[0, 0, 0]
     feats[k + 1] = d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2]  # Laplacian = trace of the Hessian
@@ -258,9 +290,10 @@ def _features_at(
     outer = STRUCTURE_OUTER_FRACTION * sigma_zyx
 
     def smoothed_product(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return ndi.gaussian_filter(pair[0] * pair[1], outer, output=np.float32)
+        return ndi.gaussian_filter(pair[0] * pair[1], outer, output=np.float32)[box]
 
-    pairs = [(gz, gz), (gy, gy), (gx, gx), (gz, gy), (gz, gx), (gy, gx)]
+    wz, wy, wx = whole[1, 0, 0], whole[0, 1, 0], whole[0, 0, 1]
+    pairs = [(wz, wz), (wy, wy), (wx, wx), (wz, wy), (wz, wx), (wy, wx)]
     symmetric_eigvals3(*pmap(smoothed_product, pairs), out=feats[k : k + 3])
     k += 3
     symmetric_eigvals3(

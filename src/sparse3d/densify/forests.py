@@ -74,25 +74,34 @@ class RandomForestSegmenter:
         self.samples_: dict[int, int] = {}
 
     def sample(self, label: np.ndarray) -> np.ndarray:
-        """Flat indices of the training voxels: up to ``samples_per_class`` labelled voxels of
-        each class, drawn at random (seeded), sorted."""
+        """Flat indices of the training voxels of ``label (Z, Y, X)``: up to
+        ``samples_per_class`` labelled voxels of each class, drawn at random (seeded), sorted."""
         flat = np.asarray(label).reshape(-1)
-        codes = np.unique(flat)
+        self.check_codes(np.unique(flat))
+        return self.sample_indices([np.flatnonzero(flat == c) for c in range(self.num_classes)])
+
+    def check_codes(self, codes: np.ndarray) -> None:
+        """ValueError for label codes that are neither a class nor the ignore value."""
         bad = [int(v) for v in codes if v != self.ignore_index and not 0 <= v < self.num_classes]
         if bad:
             raise ValueError(
                 f"label holds codes {bad[:10]} outside classes 0..{self.num_classes - 1} "
                 f"and ignore value {self.ignore_index}"
             )
+
+    def sample_indices(self, per_class: Sequence[np.ndarray]) -> np.ndarray:
+        """The training voxels from every labelled voxel's flat index, ``per_class[c]`` sorted
+        (as a whole-volume or a blockwise scan finds them alike): up to ``samples_per_class``
+        of each class at random (seeded), returned sorted."""
         rng = np.random.default_rng(self.seed)
         picked = []
         self.samples_ = {}
         for cls in range(self.num_classes):
-            idx = np.flatnonzero(flat == cls)
-            if idx.size > self.samples_per_class:
+            idx = np.asarray(per_class[cls], dtype=np.int64) if cls < len(per_class) else []
+            if len(idx) > self.samples_per_class:
                 idx = rng.choice(idx, self.samples_per_class, replace=False)
-            if idx.size:
-                self.samples_[cls] = int(idx.size)
+            if len(idx):
+                self.samples_[cls] = int(len(idx))
                 picked.append(idx)
         if not picked:
             raise ValueError("no labelled voxel to train on: every voxel is ignore_index")
@@ -101,8 +110,6 @@ class RandomForestSegmenter:
     def fit(self, features: np.ndarray, label: np.ndarray) -> RandomForestSegmenter:
         """Train on ``features (F, Z, Y, X)`` at the labelled voxels of ``label (Z, Y, X)``
         (``ignore_index`` = unlabelled)."""
-        from sklearn.ensemble import RandomForestClassifier
-
         features = np.asarray(features)
         label = np.asarray(label)
         if features.ndim != 4 or features.shape[1:] != label.shape:
@@ -111,15 +118,21 @@ class RandomForestSegmenter:
                 f"{features.shape} and {label.shape}"
             )
         idx = self.sample(label)
-        x = np.ascontiguousarray(features.reshape(features.shape[0], -1)[:, idx].T, np.float32)
-        y = label.reshape(-1)[idx].astype(np.int64)
+        x = features.reshape(features.shape[0], -1)[:, idx].T
+        return self.fit_rows(x, label.reshape(-1)[idx])
+
+    def fit_rows(self, x: np.ndarray, y: np.ndarray) -> RandomForestSegmenter:
+        """Train on the feature rows ``x (N, F)`` of the training voxels and their classes
+        ``y (N,)``, in the order :meth:`sample` gives them."""
+        from sklearn.ensemble import RandomForestClassifier
+
         self.forest = RandomForestClassifier(
             n_estimators=self.n_trees,
             max_depth=self.max_depth,
             n_jobs=self.n_jobs,
             random_state=self.seed,
         )
-        self.forest.fit(x, y)
+        self.forest.fit(np.ascontiguousarray(x, np.float32), np.asarray(y).astype(np.int64))
         self.classes_ = np.asarray(self.forest.classes_, dtype=np.int64)
         return self
 

@@ -1,0 +1,435 @@
+"""densify's forests, block by block (layer 1): the same numbers as the whole-volume pass of
+:mod:`sparse3d.densify.forests`, with memory set by the block size instead of the volume.
+
+The steps, each a pass of per-block tasks on an :class:`~sparse3d.densify.engine.Engine`:
+
+1. **scan**: every labelled voxel's flat index per class, from the label alone (no features);
+   the forests draw their training voxels from these lists exactly as from a whole label.
+2. **rows**: filter features (and, after the first stage, context features of the previous
+   stage's cross-fitted probabilities) only around the drawn training voxels: each block
+   computes the bounding box of its drawn voxels grown by the filters' halo.
+3. **predict**: features of each block grown by the halo, the forest's probabilities of its
+   core, written to a chunked store (``full``, and a copy in ``crossfit``).
+4. **folds** (cross-fitting): for each fold of annotated planes in turn, a forest fitted without
+   them predicts the planes' voxels, block by block, into ``crossfit``.
+
+A stage after the first learns from the base features plus the previous stage's ``crossfit``
+smoothed at ``context_sigmas`` (auto-context), read from its store with its own halo.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse3d.axes import AXES
+from sparse3d.densify.blocks import Block, BlockGrid, grow
+from sparse3d.densify.engine import Engine
+from sparse3d.densify.features import feature_halo, voxel_features
+from sparse3d.densify.forests import RandomForestSegmenter, context_features, plane_folds
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a block needs to compute its features: the filters' scales and the volume's voxel
+    size and intensity percentiles ``(C, 2)``; ``context_sigmas`` of the auto-context
+    features (used when a context store is given)."""
+
+    sigmas: tuple[float, ...]
+    voxel_size_zyx_um: tuple[float, float, float] | None
+    percentiles: np.ndarray
+    context_sigmas: tuple[float, ...] = ()
+    threads: int = 1
+
+    @property
+    def halo(self) -> tuple[int, int, int]:
+        return feature_halo(self.sigmas, self.voxel_size_zyx_um)
+
+    @property
+    def context_halo(self) -> tuple[int, int, int]:
+        r = max((int(4.0 * s + 0.5) for s in self.context_sigmas), default=0)
+        return (r, r, r)
+
+
+def block_features(
+    image_ext: np.ndarray,
+    image_box: Sequence[slice],
+    context_ext: np.ndarray | None,
+    context_box: Sequence[slice] | None,
+    region: Sequence[slice],
+    spec: FeatureSpec,
+) -> np.ndarray:
+    """Features ``(F, *region)`` of the voxels in ``region`` (volume coordinates), from the
+    image read over ``image_box`` (``region`` grown by ``spec.halo``) and, when given, the
+    context probabilities ``(K, ...)`` read over ``context_box``."""
+    crop = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box))
+    feats = voxel_features(
+        image_ext, spec.voxel_size_zyx_um, spec.sigmas, spec.percentiles, spec.threads, crop
+    )
+    if context_ext is None:
+        return feats
+    assert context_box is not None
+    ctx = context_features(np.asarray(context_ext, np.float32), spec.context_sigmas)
+    crop = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box))
+    return np.concatenate([feats, ctx[(slice(None), *crop)]])
+
+
+# --------------------------------------------------------------------------------------------
+# per-block tasks (module level, so a cluster's worker processes can unpickle them)
+
+
+def _scan(label_core: np.ndarray, core: Sequence[slice], shape, num_classes: int):
+    """``(codes present, [sorted flat indices of class c in this block, for each c])``."""
+    zyx = [np.arange(s.start, s.stop) for s in core]
+    label_core = np.asarray(label_core)
+    per_class = []
+    for c in range(num_classes):
+        local = np.nonzero(label_core == c)
+        if local[0].size:
+            idx = np.ravel_multi_index(tuple(z[i] for z, i in zip(zyx, local)), shape)
+        else:
+            idx = np.zeros(0, np.int64)
+        per_class.append(idx.astype(np.int64))
+    return np.unique(label_core), per_class
+
+
+def _rows(image_ext, image_box, context_ext, context_box, region, points, spec) -> np.ndarray:
+    """Feature rows ``(n, F)`` at ``points (n, 3)`` (volume coordinates) inside ``region``."""
+    feats = block_features(image_ext, image_box, context_ext, context_box, region, spec)
+    local = tuple((points[:, a] - region[a].start) for a in range(3))
+    return np.ascontiguousarray(feats[(slice(None), *local)].T)
+
+
+class ZarrSink:
+    """Writes regions of a chunked zarr array opened by path (picklable: a path, no handle)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def __call__(self, box: Sequence[slice], values: np.ndarray, lead: bool = True) -> None:
+        import zarr
+
+        arr = zarr.open_array(self.path, mode="r+")
+        arr[(slice(None), *box) if lead else tuple(box)] = values
+
+    def read(self, box: Sequence[slice]) -> np.ndarray:
+        import zarr
+
+        return zarr.open_array(self.path, mode="r")[(slice(None), *box)]
+
+
+def _predict(image_ext, image_box, context_ext, context_box, core, spec, forest, sinks) -> int:
+    """Probabilities ``(K, *core)`` of the block's core, written to each sink; returns voxels."""
+    feats = block_features(image_ext, image_box, context_ext, context_box, core, spec)
+    probs = forest.predict_proba(feats, chunk_voxels=1 << 18)
+    for sink in sinks:
+        sink(core, probs)
+    return int(np.prod(probs.shape[1:]))
+
+
+def _fold_block(
+    image_ext, image_box, context_ext, context_box, boxes, spec, forest, sink
+) -> int:
+    """Predict the voxels of this block's held-out planes (``boxes``, each one plane's part of
+    the block's core) with the fold's forest and write them into ``sink`` (the crossfit store).
+    One task per block, so no two tasks write the same chunk."""
+    n = 0
+    for box in boxes:
+        img_box = grow(box, spec.halo, _shape_of(image_box, image_ext))
+        img = image_ext[(slice(None), *_within(img_box, image_box))]
+        ctx = ctx_box = None
+        if context_ext is not None:
+            ctx_box = grow(box, spec.context_halo, _shape_of(context_box, context_ext))
+            ctx = context_ext[(slice(None), *_within(ctx_box, context_box))]
+        feats = block_features(img, img_box, ctx, ctx_box, box, spec)
+        sink(box, forest.predict_proba(feats, chunk_voxels=1 << 18))
+        n += int(np.prod(feats.shape[1:]))
+    return n
+
+
+def _shape_of(box: Sequence[slice], ext: np.ndarray) -> tuple[int, ...]:
+    """The volume's extent as far as clipping ``box`` needs: a box grown inside ``box`` never
+    leaves it, so ``box``'s stops stand for the volume's edge."""
+    return tuple(s.stop for s in box)
+
+
+def _within(inner: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+
+
+# --------------------------------------------------------------------------------------------
+# the passes
+
+
+@dataclass
+class LazyInput:
+    """One volume as dask arrays: ``image (C, Z, Y, X)``, sparse ``label (Z, Y, X)`` (class
+    codes ``0..K-1``, ``ignore_index`` unlabelled) and its annotated planes."""
+
+    image: Any
+    label: Any
+    num_classes: int
+    ignore_index: int
+    slices: Mapping[str, Sequence[int]] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.label.shape)  # type: ignore[return-value]
+
+
+def labelled_indices(vol: LazyInput, grid: BlockGrid, engine: Engine) -> list[np.ndarray]:
+    """Sorted flat indices of every labelled voxel, per class (step 1), checking the codes."""
+    import dask
+
+    tasks = [
+        dask.delayed(_scan)(vol.label[b.core], b.core, vol.shape, vol.num_classes)
+        for b in grid.with_halo((0, 0, 0))
+    ]
+    found = engine.run(tasks, "scan labels")
+    codes = np.unique(np.concatenate([c for c, _ in found]))
+    RandomForestSegmenter(vol.num_classes, vol.ignore_index).check_codes(codes)
+    return [np.sort(np.concatenate([f[1][c] for f in found])) for c in range(vol.num_classes)]
+
+
+def feature_rows(
+    vol: LazyInput,
+    grid: BlockGrid,
+    flat: np.ndarray,
+    spec: FeatureSpec,
+    context: Any,
+    engine: Engine,
+) -> np.ndarray:
+    """Feature rows ``(N, F)`` float32 of the voxels ``flat (N,)`` (sorted flat indices), in
+    that order (step 2); ``context``: the previous stage's crossfit probabilities (dask
+    ``(K, Z, Y, X)``) or None."""
+    import dask
+
+    shape = vol.shape
+    zyx = np.stack(np.unravel_index(flat, shape), axis=1)
+    owner = grid.block_of(zyx)
+    order = np.argsort(owner, kind="stable")
+    tasks, spans = [], []
+    bounds = np.flatnonzero(np.diff(owner[order])) + 1
+    for part in np.split(order, bounds):
+        if part.size == 0:
+            continue
+        pts = zyx[part]
+        region = tuple(slice(int(pts[:, a].min()), int(pts[:, a].max()) + 1) for a in range(3))
+        img_box = grow(region, spec.halo, shape)
+        ctx = ctx_box = None
+        if context is not None:
+            ctx_box = grow(region, spec.context_halo, shape)
+            ctx = context[(slice(None), *ctx_box)]
+        tasks.append(
+            dask.delayed(_rows)(
+                vol.image[(slice(None), *img_box)], img_box, ctx, ctx_box, region, pts, spec
+            )
+        )
+        spans.append(part)
+    rows = engine.run(tasks, "training features")
+    out = np.empty((flat.size, rows[0].shape[1]), np.float32)
+    for part, r in zip(spans, rows):
+        out[part] = r
+    return out
+
+
+def predict_pass(
+    vol: LazyInput,
+    grid: BlockGrid,
+    spec: FeatureSpec,
+    context: Any,
+    forest: RandomForestSegmenter,
+    sinks: Sequence[ZarrSink],
+    engine: Engine,
+    desc: str = "forest",
+) -> None:
+    """Every block's probabilities into ``sinks`` (step 3)."""
+    import dask
+
+    shape = vol.shape
+    forest_d = dask.delayed(_for_workers(forest, spec.threads), pure=True)
+    tasks = []
+    for b in grid.with_halo(spec.halo):
+        ctx = ctx_box = None
+        if context is not None:
+            ctx_box = grow(b.core, spec.context_halo, shape)
+            ctx = context[(slice(None), *ctx_box)]
+        tasks.append(
+            dask.delayed(_predict)(
+                vol.image[(slice(None), *b.ext)], b.ext, ctx, ctx_box, b.core, spec, forest_d,
+                list(sinks),
+            )  # fmt: skip
+        )
+    engine.run(tasks, desc)
+
+
+def _for_workers(forest: RandomForestSegmenter, threads: int) -> RandomForestSegmenter:
+    """A copy of ``forest`` predicting with ``threads`` threads (a worker's share)."""
+    out = copy.copy(forest)
+    out.forest = copy.copy(forest.forest)
+    out.forest.n_jobs = int(threads)
+    return out
+
+
+def fold_pass(
+    vol: LazyInput,
+    grid: BlockGrid,
+    fold: Mapping[str, Sequence[int]],
+    spec: FeatureSpec,
+    context: Any,
+    forest: RandomForestSegmenter,
+    sink: ZarrSink,
+    engine: Engine,
+) -> None:
+    """The fold's planes predicted by ``forest`` (fitted without them) into ``sink`` (step 4)."""
+    import dask
+
+    shape = vol.shape
+    forest_d = dask.delayed(_for_workers(forest, spec.threads), pure=True)
+    tasks = []
+    for b in grid:
+        boxes = _plane_boxes(b, fold)
+        if not boxes:
+            continue
+        region = tuple(
+            slice(min(x[a].start for x in boxes), max(x[a].stop for x in boxes)) for a in range(3)
+        )
+        img_box = grow(region, spec.halo, shape)
+        ctx = ctx_box = None
+        if context is not None:
+            ctx_box = grow(region, spec.context_halo, shape)
+            ctx = context[(slice(None), *ctx_box)]
+        tasks.append(
+            dask.delayed(_fold_block)(
+                vol.image[(slice(None), *img_box)], img_box, ctx, ctx_box, boxes, spec, forest_d,
+                sink,
+            )  # fmt: skip
+        )
+    engine.run(tasks, "cross-fit planes")
+
+
+def _plane_boxes(b: Block, fold: Mapping[str, Sequence[int]]) -> list[tuple[slice, ...]]:
+    """Each plane of ``fold`` crossing the block's core, as a box of one voxel's thickness."""
+    boxes = []
+    for a, ax in enumerate(AXES):
+        for i in fold.get(ax, ()):
+            if b.core[a].start <= int(i) < b.core[a].stop:
+                box = list(b.core)
+                box[a] = slice(int(i), int(i) + 1)
+                boxes.append(tuple(box))
+    return boxes
+
+
+def _held(flat: np.ndarray, shape, fold: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """Boolean ``(N,)``: which voxels ``flat`` lie on a plane of ``fold``."""
+    zyx = np.unravel_index(flat, shape)
+    held = np.zeros(flat.size, bool)
+    for a, ax in enumerate(AXES):
+        if fold.get(ax):
+            held |= np.isin(zyx[a], np.asarray(fold[ax]))
+    return held
+
+
+@dataclass
+class Stores:
+    """Scratch stores of one stage: ``full`` and ``crossfit`` probabilities ``(K, Z, Y, X)``."""
+
+    full: ZarrSink
+    crossfit: ZarrSink
+
+
+def create_store(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str) -> ZarrSink:
+    """A new chunked zarr array at ``path`` (replacing a previous scratch one)."""
+    import shutil
+
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    zarr.create_array(
+        store=str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0
+    )
+    return ZarrSink(path)
+
+
+def stacked_forests_blockwise(
+    vol: LazyInput,
+    grid: BlockGrid,
+    spec: FeatureSpec,
+    forest: RandomForestSegmenter,
+    fold_forest: RandomForestSegmenter | None,
+    stages: int,
+    n_folds: int,
+    scratch: Path,
+    engine: Engine,
+) -> Stores:
+    """:func:`sparse3d.densify.forests.stacked_probabilities`, block by block: ``stages``
+    cross-fitted forests (one plain forest with ``stages=1, fold_forest=None``: ``method=rf``),
+    each stage's probabilities in float32 stores under ``scratch``; returns the last stage's.
+    """
+    import dask.array as da
+
+    shape, k = vol.shape, vol.num_classes
+    per_class = labelled_indices(vol, grid, engine)
+    folds = plane_folds(vol.slices, n_folds) if fold_forest is not None else []
+    if len(folds) < 2:
+        folds = []
+    chunks = (k, *grid.block)
+    context = None
+    stores = None
+    for stage in range(int(stages)):
+        stage_spec = spec if context is not None else _no_context(spec)
+        # training voxels of the forest and of each fold's forest, features computed once
+        draws = [forest.sample_indices(per_class)]
+        for fold in folds:
+            keep = [idx[~_held(idx, shape, fold)] for idx in per_class]
+            assert fold_forest is not None
+            draws.append(fold_forest.sample_indices(keep) if any(len(i) for i in keep) else None)
+        union = np.unique(np.concatenate([d for d in draws if d is not None]))
+        rows = feature_rows(vol, grid, union, stage_spec, context, engine)
+        labels = _labels_at(per_class, union)
+
+        def fit(model: RandomForestSegmenter, drawn: np.ndarray) -> RandomForestSegmenter:
+            pos = np.searchsorted(union, drawn)
+            return model.fit_rows(rows[pos], labels[pos])
+
+        fit(forest, draws[0])
+        stores = Stores(
+            create_store(scratch / f"full{stage + 1}.zarr", (k, *shape), chunks, "float32"),
+            create_store(scratch / f"crossfit{stage + 1}.zarr", (k, *shape), chunks, "float32"),
+        )
+        predict_pass(
+            vol, grid, stage_spec, context, forest, [stores.full, stores.crossfit], engine,
+            desc=f"forest, stage {stage + 1}",
+        )  # fmt: skip
+        for fold, drawn in zip(folds, draws[1:]):
+            if drawn is None:
+                continue
+            assert fold_forest is not None
+            fit(fold_forest, drawn)
+            fold_pass(vol, grid, fold, stage_spec, context, fold_forest, stores.crossfit, engine)
+        del rows
+        context = da.from_zarr(stores.crossfit.path)
+    assert stores is not None
+    return stores
+
+
+def _no_context(spec: FeatureSpec) -> FeatureSpec:
+    return FeatureSpec(spec.sigmas, spec.voxel_size_zyx_um, spec.percentiles, (), spec.threads)
+
+
+def _labels_at(per_class: Sequence[np.ndarray], flat: np.ndarray) -> np.ndarray:
+    """Class of each labelled voxel ``flat (N,)`` (sorted) from the per-class index lists."""
+    out = np.full(flat.size, -1, np.int64)
+    for c, idx in enumerate(per_class):
+        pos = np.searchsorted(idx, flat)
+        pos = np.minimum(pos, max(len(idx) - 1, 0))
+        if len(idx):
+            out[idx[pos] == flat] = c
+    assert (out >= 0).all()
+    return out
