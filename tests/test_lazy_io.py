@@ -19,7 +19,14 @@ import zarr
 
 from sparse3d.data import lazy_sources
 from sparse3d.data.formats import ConvertError, read_zyx
-from sparse3d.data.lazy import auto_chunks, lazy_volume, open_image, open_image_source, open_labels
+from sparse3d.data.lazy import (
+    auto_chunks,
+    close_handles,
+    lazy_volume,
+    open_image,
+    open_image_source,
+    open_labels,
+)
 from sparse3d.data.ome_zarr import (
     OmeZarrLabelsWriter,
     overview_level,
@@ -99,6 +106,17 @@ def test_generic_hdf5_raw(tmp_path, rng):
     assert arr.dtype == np.uint16
 
 
+def test_close_handles_lets_a_writer_open_the_file(tmp_path, rng):
+    path = _volume(tmp_path, rng)
+    open_labels(path).sum().compute(**SYNC)  # leaves a cached read handle in this thread
+    with pytest.raises(OSError):
+        h5py.File(path, "r+")
+    close_handles()
+    with h5py.File(path, "r+") as f:
+        f.attrs["touched"] = 1
+    assert open_labels(path).shape == (20, 70, 90)
+
+
 def test_zarr_plain_array_and_group(tmp_path, rng):
     data = rng.integers(0, 255, (16, 40, 50)).astype(np.uint8)
     z = zarr.create(
@@ -170,6 +188,37 @@ def test_tiff_block_reads_only_its_chunk(tmp_path, rng, monkeypatch):
     block = arr[0, 16:32, 0:16, 48:64].compute(**SYNC)
     np.testing.assert_array_equal(block, stack[16:32, 0:16, 48:64])
     assert seen == [16**3]
+
+
+def _write_every_format(folder, data):
+    """``data`` (Z, Y, X) as HDF5, Zarr, TIFF, NIfTI and raw NRRD files; returns the paths."""
+    with h5py.File(folder / "d.h5", "w") as f:
+        f.create_dataset("raw", data=data, chunks=(16, 64, 64))
+    z = zarr.create(
+        shape=data.shape, chunks=(16, 64, 64), dtype=data.dtype, store=str(folder / "d.zarr")
+    )
+    z[...] = data
+    tifffile.imwrite(folder / "d.tif", data)
+    nibabel.save(nibabel.Nifti1Image(data.T, np.eye(4)), folder / "d.nii")
+    nrrd.write(str(folder / "d.nrrd"), data.T, {"encoding": "raw"}, index_order="F")
+    return [folder / n for n in ("d.h5", "d.zarr", "d.tif", "d.nii", "d.nrrd")]
+
+
+def test_one_block_never_reads_the_volume(tmp_path, rng):
+    """Reading one block allocates a fraction of the volume, whatever the format."""
+    import tracemalloc
+
+    data = rng.integers(0, 4000, (64, 256, 256)).astype(np.uint16)  # 8 MiB
+    for path in _write_every_format(tmp_path, data):
+        arr = open_image(path, chunks=16)
+        arr[0, :16, :16, :16].compute(**SYNC)  # imports done before measuring
+        lazy_sources._local.cache = None  # open the file afresh inside the measurement
+        tracemalloc.start()
+        block = arr[0, 16:32, 32:48, 64:80].compute(**SYNC)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(block, data[16:32, 32:48, 64:80])
+        assert peak < data.nbytes / 4, (path.name, peak)  # TIFF: whole strips of 16 pages
 
 
 def test_nifti(tmp_path, rng):

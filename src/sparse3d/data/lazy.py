@@ -40,7 +40,14 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from sparse3d.data.lazy_sources import ArraySource, _fail, _Native, _native, is_sparse3d_volume
+from sparse3d.data.lazy_sources import (
+    ArraySource,
+    _fail,
+    _Native,
+    _native,
+    close_handles,
+    is_sparse3d_volume,
+)
 from sparse3d.data.volume import VolumeMeta, open_volume
 
 __all__ = [
@@ -48,6 +55,7 @@ __all__ = [
     "LazyImage",
     "LazyVolume",
     "auto_chunks",
+    "close_handles",
     "is_sparse3d_volume",
     "lazy_volume",
     "open_image",

@@ -19,7 +19,7 @@ import numpy as np
 
 from sparse3d.data.formats import _UNIT_TO_UM, ConvertError
 
-__all__ = ["ArraySource", "is_sparse3d_volume"]
+__all__ = ["ArraySource", "close_handles", "is_sparse3d_volume"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class ArraySource:
 
 
 _local = threading.local()
+_all_caches: list[tuple[int, OrderedDict]] = []  # (pid, cache) of every thread, for close_handles
+_registry_lock = threading.Lock()
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -83,6 +85,8 @@ def _handle(src: ArraySource):
     if cache is None or getattr(_local, "pid", None) != os.getpid():
         cache = _local.cache = OrderedDict()  # after a fork: never touch the parent's handles
         _local.pid = os.getpid()
+        with _registry_lock:
+            _all_caches.append((os.getpid(), cache))
     key = src.__dask_tokenize__()
     if key in cache:
         cache.move_to_end(key)
@@ -93,6 +97,19 @@ def _handle(src: ArraySource):
         _, (_, old_close) = cache.popitem(last=False)
         old_close()
     return read
+
+
+def close_handles() -> None:
+    """Close every file the readers hold open in this process (all threads). Call it between
+    computations, e.g. before opening an input file for writing (HDF5 refuses a second open in
+    another mode); the next read reopens what it needs."""
+    with _registry_lock:
+        mine = [c for pid, c in _all_caches if pid == os.getpid()]
+        _all_caches[:] = [(pid, c) for pid, c in _all_caches if pid == os.getpid()]
+    for cache in mine:
+        while cache:
+            _, (_, close) = cache.popitem(last=False)
+            close()
 
 
 def _open_hdf5(src: ArraySource):
