@@ -126,7 +126,9 @@ def test_periodic_values_are_the_final_evaluations(norm):
 
 def test_callback_fires_at_multiples_and_skips_the_last_step():
     logged = []
-    lg = types.SimpleNamespace(log_metrics=lambda values, step: logged.append(step))
+    lg = types.SimpleNamespace(
+        log_metrics=lambda values, step: logged.append(step), save=lambda: None
+    )
     rng = np.random.default_rng(1)
     cb = PeriodicEvaluation([_volume("a", rng, True)], CLASSES, 3, every_n_steps=3, skip_steps=[9])
     module = types.SimpleNamespace(net=UNet(2, 3, base_channels=2, depth=2))

@@ -189,6 +189,7 @@ class PeriodicEvaluation(L.Callback):
         self.history.append((step, values))
         for lg in trainer.loggers:
             lg.log_metrics(values, step=step)
+            lg.save()  # the curve so far on disk (the CSV log flushes every 100 steps only)
         log.info(
             "step %d: held-out IoU %.4f (%.1f s)",
             step,

@@ -270,7 +270,8 @@ def build(cfg: DictConfig) -> Job:
     else:
         weights = None if cw is None else [float(w) for w in cw]
     model_meta = {
-        "net": {k: v for k, v in net_cfg.items() if not k.startswith("_")},
+        # the architecture; how its weights were initialised does not belong to the model file
+        "net": {k: v for k, v in net_cfg.items() if not k.startswith("_") and k != "init"},
         "class_names": list(labels.class_names),
         "ignore_index": labels.ignore_index,
         "channel_names": list(facts.channel_names),
