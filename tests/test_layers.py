@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "densify.features": 1,
     "densify.forests": 1,
     "densify.network": 1,
+    "densify.suggest": 1,
     "distributed": 1,
     "datamodule": 2,
     "module": 2,
@@ -44,9 +45,16 @@ LAYERS: dict[str, int] = {
     "fitting": 3,
     "train": 3,
     "densify": 3,
+    "densify.options": 0,
+    "densify.plan": 1,
+    "densify.blocks": 1,
+    "densify.engine": 1,
+    "densify.blockwise": 1,
+    "densify.network_lazy": 3,
     "predict": 3,
     "report": 3,
     "bench": 3,
+    "napari_plugin": 3,
 }
 FRAMEWORKS = ("lightning", "hydra", "omegaconf")
 #: modules allowed over the size limit, with the reason
