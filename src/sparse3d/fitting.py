@@ -163,15 +163,33 @@ def uses_cuda(trainer_cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def training_precision(trainer_cfg: DictConfig) -> str:
+    """Lightning's precision for ``precision: auto``: ``"bf16-mixed"`` where the training device
+    computes bfloat16 natively, ``"32-true"`` elsewhere. The decision is the predictor's
+    (``sparse3d.inference.precision.resolve_precision``): a CUDA GPU with bf16, a CPU with
+    AVX-512 BF16 or AMX; on other CPUs bf16 runs on slow fallback kernels."""
+    import torch
+
+    from sparse3d.inference.precision import resolve_precision
+
+    device = torch.device("cuda" if uses_cuda(trainer_cfg) else "cpu")
+    chosen = "bf16-mixed" if resolve_precision("auto", device) == "bf16" else "32-true"
+    log.info("trainer.precision=auto: %s on %s", chosen, device.type)
+    return chosen
+
+
 def trainer_extras(trainer_cfg: DictConfig) -> dict[str, Any]:
     """``Trainer`` arguments that replace what would break on the configured hardware.
 
+    * ``precision: auto``: :func:`training_precision`.
     * ``sync_batchnorm``: sparse3d's synchronised BatchNorm, which keeps ``PaperBatchNorm``'s
       test-time statistics (Lightning's own conversion turns it into a plain BatchNorm).
     * ``deterministic: true`` on CUDA: ``"warn"`` (MaxPool3d's backward has no deterministic
       CUDA kernel, so ``true`` raises at the first step); everything else stays deterministic.
     """
     extras: dict[str, Any] = {}
+    if str(trainer_cfg.get("precision")) == "auto":
+        extras["precision"] = training_precision(trainer_cfg)
     if trainer_cfg.get("sync_batchnorm"):
         from hydra.utils import instantiate
 

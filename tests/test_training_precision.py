@@ -1,0 +1,59 @@
+"""``trainer.precision=auto``: bf16-mixed where the device computes bf16 natively, fp32 elsewhere
+(the predictor's one decision, ``sparse3d.inference.precision``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sparse3d import fitting
+from sparse3d.cli import CONF_DIR
+from sparse3d.inference import precision as prec
+
+
+def _trainer_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["preset=smoke", *overrides]).trainer
+
+
+@pytest.mark.parametrize(
+    "native,cuda,cuda_bf16,accelerator,want",
+    [
+        (True, False, False, "auto", "bf16-mixed"),  # AVX-512 BF16 / AMX CPU
+        (False, False, False, "auto", "32-true"),  # AVX2-only CPU: bf16 would be slow
+        (False, True, True, "auto", "bf16-mixed"),  # a GPU with bf16
+        (True, True, False, "auto", "32-true"),  # a GPU without bf16 trains, not the CPU
+        (False, True, True, "cpu", "32-true"),  # accelerator=cpu: the CPU decides
+        (True, True, False, "cpu", "bf16-mixed"),
+    ],
+)
+def test_auto_precision_follows_the_training_device(
+    monkeypatch, native, cuda, cuda_bf16, accelerator, want
+):
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    cfg = _trainer_cfg(["trainer.precision=auto", f"trainer.accelerator={accelerator}"])
+    assert fitting.training_precision(cfg) == want
+    assert fitting.trainer_extras(cfg)["precision"] == want
+
+
+def test_explicit_precision_is_kept(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    for given in ("32-true", "bf16-mixed"):
+        cfg = _trainer_cfg([f"trainer.precision={given}"])
+        assert "precision" not in fitting.trainer_extras(cfg)
+
+
+@pytest.mark.parametrize("native,plugin", [(True, "bf16-mixed"), (False, "32-true")])
+def test_trainer_is_built_with_the_chosen_precision(monkeypatch, tmp_path, native, plugin):
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["preset=smoke", "trainer.precision=auto"])
+    trainer = fitting.make_trainer(cfg, tmp_path, [])
+    assert trainer.precision == plugin
