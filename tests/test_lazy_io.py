@@ -126,8 +126,11 @@ def test_zarr_plain_array_and_group(tmp_path, rng):
     arr = open_image(tmp_path / "a.zarr")
     np.testing.assert_array_equal(arr.compute(**SYNC), read_zyx(tmp_path / "a.zarr")[0][None])
     assert arr.chunksize[1:] == (16, 40, 50)  # grown from the store's chunks up to the volume
-    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    g.create_array("only", shape=data.shape, chunks=(4, 8, 8), dtype=data.dtype)[...] = data
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    only = zarr.create(
+        shape=data.shape, chunks=(4, 8, 8), dtype=data.dtype, store=str(tmp_path / "g.zarr/only")
+    )
+    only[...] = data
     np.testing.assert_array_equal(open_labels(tmp_path / "g.zarr").compute(**SYNC), data)
     np.testing.assert_array_equal(open_labels(tmp_path / "g.zarr" / "only").compute(**SYNC), data)
 
@@ -218,7 +221,9 @@ def test_one_block_never_reads_the_volume(tmp_path, rng):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         np.testing.assert_array_equal(block, data[16:32, 32:48, 64:80])
-        assert peak < data.nbytes / 4, (path.name, peak)  # TIFF: whole strips of 16 pages
+        # TIFF reads whole strips of 16 pages; without zarr 3, whole pages (a quarter, copied)
+        whole_pages = path.suffix == ".tif" and int(zarr.__version__.split(".")[0]) < 3
+        assert peak < data.nbytes / (1.8 if whole_pages else 4), (path.name, peak)
 
 
 def test_nifti(tmp_path, rng):

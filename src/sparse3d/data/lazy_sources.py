@@ -126,14 +126,46 @@ def _open_zarr(src: ArraySource):
     return arr.__getitem__, lambda: None
 
 
-def _open_tiff(src: ArraySource):
-    import tifffile
+def _tiff_zarr(series):
+    """The series' level 0 as a zarr array (reads only the strips/tiles asked for), or None
+    where tifffile's zarr store is unavailable (it needs zarr 3)."""
     import zarr
 
+    try:
+        return zarr.open(series.aszarr(level=0), mode="r")
+    except (ValueError, ImportError, TypeError):
+        return None
+
+
+def _tiff_pages(series):
+    """Fallback reader of whole pages: ``(read, shape, chunks)``, where a page is the last
+    axes of the series (its key frame's shape) and ``read(index)`` reads only the pages
+    ``index`` selects along the leading axes."""
+    page = tuple(series.keyframe.shape)
+    shape = tuple(series.shape)
+    lead = shape[: len(shape) - len(page)]
+    if shape[len(lead) :] != page:
+        raise ValueError(f"TIFF series {shape} is not a stack of {page} pages; install zarr>=3")
+    numbers = np.arange(math.prod(lead)).reshape(lead)
+
+    def read(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        pages = numbers[index[: len(lead)]]
+        data = np.empty(pages.shape + page, series.dtype)
+        if pages.size:
+            data = np.asarray(series.asarray(key=pages.ravel().tolist())).reshape(data.shape)
+        return data[(Ellipsis, *index[len(lead) :])]
+
+    return read, shape, (1,) * len(lead) + page
+
+
+def _open_tiff(src: ArraySource):
+    import tifffile
+
     tf = tifffile.TiffFile(src.path)
-    store = tf.series[int(src.key)].aszarr(level=0)
-    arr = zarr.open(store, mode="r")
-    return arr.__getitem__, tf.close
+    series = tf.series[int(src.key)]
+    arr = _tiff_zarr(series)
+    return (arr.__getitem__ if arr is not None else _tiff_pages(series)[0]), tf.close
 
 
 def _open_nifti(src: ArraySource):
@@ -319,12 +351,12 @@ def _read_zarr(path: Path, key: str | None) -> _Native:
 
 def _read_tiff(path: Path) -> _Native:
     import tifffile
-    import zarr
 
     with tifffile.TiffFile(path) as tf:
         series = tf.series[0]
-        arr = zarr.open(series.aszarr(level=0), mode="r")
-        shape, dtype, chunks, axes = arr.shape, np.dtype(arr.dtype), arr.chunks, series.axes
+        arr = _tiff_zarr(series)
+        shape, chunks = (arr.shape, arr.chunks) if arr is not None else _tiff_pages(series)[1:]
+        dtype, axes = np.dtype(series.dtype), series.axes
         spacing: list[float | None] = [None] * len(shape)
         ij = tf.imagej_metadata or {}
         unit = str(ij.get("unit", "")).replace("\\u00B5", "µ").lower()

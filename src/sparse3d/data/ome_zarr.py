@@ -24,7 +24,7 @@ concurrently (``dask.array.store(arr, writer.level0, lock=False)``) as long as e
 whole chunks, which it checks.
 
 The metadata is written here rather than with ``ome-zarr-py`` (which pulls in s3fs and botocore
-and whose default scaler down-samples only y/x); works with zarr 2.16+ and zarr 3.
+and whose default scaler down-samples only y/x); tested with zarr 2.18 and zarr 3.1.
 """
 
 from __future__ import annotations
