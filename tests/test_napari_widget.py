@@ -224,3 +224,22 @@ def test_next_plane_and_go_there(scene, qtbot):
     widget.next_strategy.setCurrentText("spacing")
     assert widget.suggestion.strategy == "spacing"
     assert widget.next_label.text() == widget.suggestion.describe()
+
+
+def test_rf_run_through_the_plugin_proxy(scene, qtbot):
+    """napari hands a plugin's widget the viewer behind a proxy (public attributes only, proxied
+    results): the run and its result layer work through it too."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    from sparse3d.napari_plugin.widget import DensifyWidget
+
+    viewer, _, truth = scene
+    widget = DensifyWidget(PublicOnlyProxy(viewer))
+    qtbot.addWidget(widget)
+    widget.options.setText(TINY)
+    widget.method.setCurrentText("rf")
+    run_and_wait(qtbot, widget)
+    out = viewer.layers["cells densified"]
+    assert iou(out.data, truth, 2) > 0.7
+    codes = np.array([1, 2])
+    assert np.allclose(out.colormap.map(codes), viewer.layers["painting"].colormap.map(codes))

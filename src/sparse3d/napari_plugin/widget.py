@@ -10,7 +10,6 @@ shown as a napari notification. After each run the widget points to the plane to
 
 from __future__ import annotations
 
-import copy
 import threading
 from typing import Any
 
@@ -54,6 +53,15 @@ METHODS = ("refine", "rf")
 NEXT_PLANE = ("uncertainty", "spacing")
 RESULT_SUFFIX = " densified"
 UNCERTAINTY_SUFFIX = " uncertainty"
+
+
+def _copied(colormap: Any) -> Any:
+    """A copy of a layer's colormap (napari's evented models copy themselves; a plugin sees
+    them through a proxy, which ``copy.deepcopy`` refuses)."""
+    try:
+        return colormap.copy(deep=True)
+    except Exception:  # no copy method of that signature: share it
+        return colormap
 
 
 class _Relay(QObject):
@@ -293,6 +301,12 @@ class DensifyWidget(QWidget):
         self.progress.setRange(0, 100)
 
     def _on_result(self, result: Any, context: dict[str, Any]) -> None:
+        try:
+            self._show_result(result, context)
+        except Exception as err:  # an exception escaping a Qt slot aborts napari: one line
+            self._fail(f"could not show the result: {type(err).__name__}: {err}")
+
+    def _show_result(self, result: Any, context: dict[str, Any]) -> None:
         self.result = result
         painting = context["painting_layer"]
         name = context["image_name"] + RESULT_SUFFIX
@@ -304,7 +318,7 @@ class DensifyWidget(QWidget):
         info = {"method": result.method, "seconds": result.seconds, **result.facts}
         layer = self._put(
             Labels, name, result.labels, where,
-            colormap=copy.deepcopy(painting.colormap), features=features, opacity=0.5,
+            colormap=_copied(painting.colormap), features=features, opacity=0.5,
         )  # fmt: skip
         layer.metadata["sparse3d"] = info
         if self.add_uncertainty.isChecked():
