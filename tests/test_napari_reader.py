@@ -102,3 +102,25 @@ def test_leaves_other_files_to_other_readers(tmp_path):
     assert get_reader(str(tmp_path / "stack.tif")) is None  # not a result's name
     assert get_reader(str(tmp_path / "missing_seg.h5")) is None
     assert get_reader([str(other), str(other)]) is None
+
+
+def test_reads_an_ome_zarr_segmentation(tmp_path):
+    """The blockwise path's OME-Zarr labels (``sparse3d.data.ome_zarr``) as a multiscale Labels
+    layer in painting codes, with the class names and the voxel size."""
+    ome_zarr = pytest.importorskip("sparse3d.data.ome_zarr")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(8, 64, 64)).astype(np.uint8)
+    path = tmp_path / "vol_seg.ome.zarr"
+    writer = ome_zarr.OmeZarrLabelsWriter(
+        path, labels.shape, (2.0, 0.5, 0.5), ("bg", "cell", "edge"), chunks_zyx=(4, 16, 16)
+    )
+    writer.write((slice(None),) * 3, labels)
+    writer.finish()
+    reader = get_reader(str(path))
+    assert reader is not None
+    viewer = add_all(reader(str(path)))
+    layer = viewer.layers["vol_seg"]
+    data = layer.data[0] if layer.multiscale else layer.data
+    assert np.array_equal(np.asarray(data), labels + 1)
+    assert np.allclose(layer.scale, (2.0, 0.5, 0.5))
+    assert list(layer.features["class_name"]) == ["unlabelled", "bg", "cell", "edge"]
