@@ -42,10 +42,21 @@ CURVES = (
     ("2D with BN", "unet2d", ()),
 )
 COLOURS = {"unet3d": "tab:blue", "unet3d_nobn": "tab:red", "unet2d": "tab:green"}
+#: the accuracy check of a faster setting (``--set``): 3D with BN in plain fp32, contiguous
+REFERENCE = (
+    "3D with BN, fp32 reference",
+    "unet3d",
+    ("trainer.precision=32-true", "channels_last=false"),
+)
+
+
+def curves(args) -> tuple:
+    return CURVES + ((REFERENCE,) if args.reference else ())
 
 
 def run_dir(root: Path, model: str, extra: tuple[str, ...]) -> Path:
-    tag = "-".join(e.rsplit(".", 1)[-1].replace("=", "") for e in extra) or "default"
+    tag = "-".join(e.rsplit(".", 1)[-1].replace("=", "").replace("-", "") for e in extra)
+    tag = tag or "default"
     return root / f"{model}-{tag}"
 
 
@@ -64,6 +75,7 @@ def command(args, model: str, extra: tuple[str, ...]) -> list[str]:
         "logger=none",
         f"data.root={args.data_root}",
         f"hydra.run.dir={run_dir(args.runs_root, model, extra)}",
+        *args.set,
         *extra,
     ]
 
@@ -124,12 +136,12 @@ def report(args) -> None:
     paper = json.loads(PAPER.read_text())["semi_cv"]["rows"]
     fig, ax = plt.subplots(figsize=(8, 5))
     curves = {}
-    for label, model, extra in CURVES:
+    for label, model, extra in curves(args):
         c = read_curve(run_dir(args.runs_root, model, extra))
         curves[label] = c
         if not c["steps"]:
             continue
-        style = "--" if extra else "-"
+        style = ":" if (label, model, extra) == REFERENCE else "--" if extra else "-"
         ax.plot(c["steps"], c["iou"], style, marker=".", color=COLOURS[model], label=label)
     for model, colour in COLOURS.items():
         ax.axhline(paper["average"][model], color=colour, lw=0.8, ls=":")
@@ -185,7 +197,7 @@ Machine: `torch.backends.cpu.get_cpu_capability()` = `{torch.backends.cpu.get_cp
 {os.cpu_count()} cores shared with other work, one torch thread per job, {args.jobs} job(s) at a
 time under `nice -n {args.nice}`.
 
-    python experiments/convergence.py --steps {args.steps} --every {args.every} --every-2d {args.every_2d} --jobs {args.jobs} --runs-root {args.runs_root}
+    python experiments/convergence.py --steps {args.steps} --every {args.every} --every-2d {args.every_2d} --jobs {args.jobs} --runs-root {args.runs_root}{" --reference" if args.reference else ""}{" --set " + " ".join(args.set) if args.set else ""}
     # each job: python {cmd}
 """
     write_text_atomic(RESULTS / "convergence.md", text)
@@ -206,6 +218,13 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--runs-root", type=Path, default=Path("runs/convergence"))
     ap.add_argument("--data-root", type=Path, default=Path("data"))
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="overrides for every curve, e.g. trainer.precision=auto",
+    )
+    ap.add_argument("--reference", action="store_true", help=f"also '{REFERENCE[0]}'")
     ap.add_argument("--plot-only", action="store_true", help="report the runs there are")
     args = ap.parse_args()
     if args.steps < 1 or args.every < 1 or args.jobs < 1:
@@ -215,7 +234,7 @@ def main() -> None:
     args.data_root = args.data_root.resolve()
     if not args.plot_only:
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda c: train_one(args, *c), CURVES))
+            list(pool.map(lambda c: train_one(args, *c), curves(args)))
     report(args)
 
 

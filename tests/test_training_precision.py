@@ -57,3 +57,42 @@ def test_trainer_is_built_with_the_chosen_precision(monkeypatch, tmp_path, nativ
         cfg = compose("config", overrides=["preset=smoke", "trainer.precision=auto"])
     trainer = fitting.make_trainer(cfg, tmp_path, [])
     assert trainer.precision == plugin
+
+
+# -- channels-last training ---------------------------------------------------------------------
+def _module(channels_last: bool):
+    from sparse3d.losses import MaskedCrossEntropy
+    from sparse3d.models import UNet
+    from sparse3d.module import SegmentationModule
+
+    torch.manual_seed(0)
+    net = UNet(2, 3, base_channels=2, depth=2)
+    return SegmentationModule(
+        net=net,
+        loss=MaskedCrossEntropy(3, 3),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        scheduler=None,
+        ignore_index=3,
+        model_meta={},
+        channels_last=channels_last,
+    )
+
+
+def test_channels_last_training_step_is_the_same_arithmetic(monkeypatch):
+    monkeypatch.setattr("lightning.pytorch.core.module.LightningModule.log", lambda *a, **k: None)
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(2, 2, 20, 20, 20, generator=g)}
+    out = _module(False).net.output_shape((20, 20, 20))
+    batch["label"] = torch.randint(0, 4, (2, *out), generator=g)
+    losses, grads = {}, {}
+    for cl in (False, True):
+        m = _module(cl)
+        m.on_fit_start()
+        conv = m.net.down[0][0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last_3d) == cl
+        assert conv.is_contiguous() != cl
+        loss = m.training_step(batch, 0)
+        loss.backward()
+        losses[cl], grads[cl] = loss.detach(), conv.grad.detach().contiguous()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)

@@ -285,6 +285,7 @@ def build(cfg: DictConfig) -> Job:
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         ignore_index=labels.ignore_index,
         model_meta=model_meta,
+        channels_last=bool(cfg.get("channels_last", False)),
     )
     return Job(facts, split, net_cfg, dm, module, weights, model_meta)
 
