@@ -65,7 +65,6 @@ __all__ = [
 
 #: Spatial voxels per dask chunk the default chunking aims at (128^3; at least 64^3).
 TARGET_CHUNK_VOXELS = 128**3
-_MAX_CHUNK_EDGE = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,14 +76,13 @@ def auto_chunks(
     store_chunks_zyx: tuple[int, ...] | None = None,
     target_voxels: int = TARGET_CHUNK_VOXELS,
 ) -> tuple[int, int, int]:
-    """Default spatial chunks: the store's chunks (those over 128 split evenly), doubled along
-    the smallest axis while the chunk stays within ``target_voxels``."""
-    chunks = []
-    for i, n in enumerate(shape_zyx):
-        c = store_chunks_zyx[i] if store_chunks_zyx else 64
-        if c > _MAX_CHUNK_EDGE:
-            c = math.ceil(c / math.ceil(c / _MAX_CHUNK_EDGE))
-        chunks.append(max(1, min(int(c), int(n))))
+    """Default spatial chunks: whole store chunks (a chunk split between dask blocks would be
+    decoded once per block), doubled along the smallest axis while the block stays within
+    ``target_voxels``; 64^3 to start from where the store has no chunks."""
+    chunks = [
+        max(1, min(int(store_chunks_zyx[i] if store_chunks_zyx else 64), int(n)))
+        for i, n in enumerate(shape_zyx)
+    ]
     while math.prod(chunks) * 2 <= target_voxels:
         growable = [i for i in range(3) if chunks[i] < shape_zyx[i]]
         if not growable:

@@ -39,13 +39,13 @@ class ArraySource:
     returns a numpy array. Holds no handle and no data, so it pickles in a few hundred bytes.
 
     Args:
-        kind: ``"hdf5"``, ``"zarr"``, ``"tiff"``, ``"nifti"`` or ``"nrrd"``.
+        kind: ``"hdf5"``, ``"zarr"``, ``"tiff"``, ``"nifti"`` or ``"raw"`` (memory-mapped).
         path: the file (or the ``.zarr`` store folder; for NRRD the raw data file).
         key: HDF5 dataset, zarr member path, TIFF series index; ``""`` when none.
         shape, dtype: of the array as stored (native axis order).
         stamp: ``(mtime_ns, size)`` of the file when opened; a changed file gets a new handle and
             a new dask token.
-        extra: format details (NRRD: byte offset).
+        extra: format details (raw: byte offset and "C"/"F" order).
     """
 
     kind: str
@@ -175,10 +175,19 @@ def _open_nifti(src: ArraySource):
     return proxy.__getitem__, lambda: None
 
 
-def _open_nrrd(src: ArraySource):
-    (offset,) = src.extra
-    mm = np.memmap(src.path, dtype=src.dtype, mode="r", offset=offset, shape=src.shape, order="F")
-    return (lambda index: np.array(mm[index])), lambda: None
+def _open_raw(src: ArraySource):
+    """Uncompressed data at a byte offset (raw NRRD, contiguous TIFF), memory-mapped for each
+    read and unmapped after the copy: the map never enters a dask graph, and pages it touched
+    do not stay in the process' resident memory (which a worker's memory monitor watches)."""
+    offset, order = src.extra
+
+    def read(index):
+        mm = np.memmap(src.path, src.dtype, mode="r", offset=offset, shape=src.shape, order=order)
+        out = np.array(mm[index])
+        del mm  # the last reference: unmapped here (CPython frees it at once)
+        return out
+
+    return read, lambda: None
 
 
 _OPENERS = {
@@ -186,7 +195,7 @@ _OPENERS = {
     "zarr": _open_zarr,
     "tiff": _open_tiff,
     "nifti": _open_nifti,
-    "nrrd": _open_nrrd,
+    "raw": _open_raw,
 }
 
 
@@ -356,7 +365,8 @@ def _read_tiff(path: Path) -> _Native:
         series = tf.series[0]
         arr = _tiff_zarr(series)
         shape, chunks = (arr.shape, arr.chunks) if arr is not None else _tiff_pages(series)[1:]
-        dtype, axes = np.dtype(series.dtype), series.axes
+        dtype, axes = np.dtype(series.dtype).newbyteorder(tf.byteorder), series.axes
+        offset = series.dataoffset if math.prod(shape) == math.prod(series.shape) else None
         spacing: list[float | None] = [None] * len(shape)
         ij = tf.imagej_metadata or {}
         unit = str(ij.get("unit", "")).replace("\\u00B5", "µ").lower()
@@ -370,6 +380,9 @@ def _read_tiff(path: Path) -> _Native:
                 spacing[axes.index("Z")] = float(ij.get("spacing", 1.0)) * _UNIT_TO_UM[unit]
     chans = [i for i, a in enumerate(axes) if a in "CS"] if len(axes) == len(shape) else []
     src = ArraySource("tiff", str(path), "0", shape, dtype.str, _stamp(path))
+    if offset is not None:  # uncompressed and contiguous: read any block directly
+        src = ArraySource("raw", str(path), "", shape, dtype.str, _stamp(path), (offset, "C"))
+        chunks = None
     return _Native(
         src,
         path,
@@ -446,9 +459,9 @@ def _read_nrrd(path: Path) -> _Native:
         nbytes = math.prod(shape) * dtype.itemsize
         offset = datafile.stat().st_size - nbytes if skip == -1 or datafile == path else skip
         if offset >= 0:
-            extra = (int(offset),)
+            extra = (int(offset), "F")
             native.source = ArraySource(
-                "nrrd", str(datafile), "", shape, dtype.str, _stamp(datafile), extra
+                "raw", str(datafile), "", shape, dtype.str, _stamp(datafile), extra
             )
             return native
     logger.info("%s: %s-encoded NRRD is loaded into memory whole", path, header.get("encoding"))
