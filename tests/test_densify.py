@@ -229,9 +229,11 @@ def test_densify_rf_finishes_with_any_number_of_classes(num_classes, tmp_path):
     assert entry["all_voxels"]["mean"] > 0.8
 
 
-def test_densify_rejects_an_unknown_method(h5_input, tmp_path):
-    with pytest.raises(UserError, match="unknown method 'svm'"):
-        densify(_cfg(tmp_path / "out", inputs=f"[{h5_input}]", method="svm"))
+def test_densify_rejects_an_unknown_method():
+    from sparse3d.cli import precheck_groups
+
+    with pytest.raises(UserError, match="unknown method 'svm': choose one of refine, rf, unet"):
+        precheck_groups(["method=svm"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sparse3d.cli import CONF_DIR, UserError
+from sparse3d.cli import UserError
 from sparse3d.densify.methods import Cancelled, Hooks
 
 __all__ = ["Cancelled", "DensifyResult", "Hooks", "densify_painting", "method_options"]
@@ -52,19 +52,20 @@ class DensifyResult:
 
 
 def method_options(overrides: Sequence[str] = ()) -> tuple[DictConfig, DictConfig]:
-    """``(rf, refine)`` option blocks: ``conf/densify.yaml``'s defaults with ``overrides``
-    (``"rf.n_trees=30"``, ``"refine.max_steps=0"``) applied; an unknown key is a UserError."""
-    from sparse3d.densify.methods import check_refine_options
+    """``(rf, refine)`` option blocks: the defaults of :mod:`sparse3d.densify.options` with
+    ``overrides`` (``"rf.n_trees=30"``, ``"refine.max_steps=0"``) applied and checked; a bad key
+    or value is a one-line UserError."""
+    from sparse3d.densify.options import RefineOptions, RfOptions
 
-    base = OmegaConf.load(CONF_DIR / "densify.yaml")
-    opts = OmegaConf.create({"rf": base.rf, "refine": base.refine})
-    OmegaConf.set_struct(opts, True)
+    opts = OmegaConf.create(
+        {"rf": OmegaConf.structured(RfOptions), "refine": OmegaConf.structured(RefineOptions)}
+    )
     try:
         opts = OmegaConf.merge(opts, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_object(opts.rf), OmegaConf.to_object(opts.refine)  # ranges
     except Exception as err:  # omegaconf's errors name the key on their first line
         first = str(err).splitlines()[0]
         raise UserError(f"bad option in {' '.join(overrides)}: {first}") from None
-    check_refine_options(opts.refine)
     return opts.rf, opts.refine
 
 

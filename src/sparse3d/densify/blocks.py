@@ -34,7 +34,8 @@ class Block:
     @property
     def crop(self) -> Box:
         return tuple(
-            slice(c.start - e.start, c.stop - e.start) for c, e in zip(self.core, self.ext)
+            slice(c.start - e.start, c.stop - e.start)
+            for c, e in zip(self.core, self.ext, strict=True)
         )  # type: ignore[return-value]
 
     @property
@@ -49,7 +50,8 @@ class Block:
 def grow(box: Box, halo: Sequence[int], shape: Sequence[int]) -> Box:
     """``box`` grown by ``halo (z, y, x)`` voxels on each side, clipped to ``shape``."""
     return tuple(
-        slice(max(0, s.start - h), min(n, s.stop + h)) for s, h, n in zip(box, halo, shape)
+        slice(max(0, s.start - h), min(n, s.stop + h))
+        for s, h, n in zip(box, halo, shape, strict=True)
     )  # type: ignore[return-value]
 
 
@@ -66,18 +68,21 @@ class BlockGrid:
         if len(self.shape) != 3 or len(self.block) != 3 or len(self.halo) != 3:
             raise ValueError("shape, block and halo are (z, y, x) triples")
         if min(self.block) < 1 or min(self.halo) < 0:
-            raise ValueError(f"blocks need sides >= 1 and halos >= 0, got {self.block}, {self.halo}")
+            raise ValueError(
+                f"blocks need sides >= 1 and halos >= 0, got {self.block}, {self.halo}"
+            )
 
     @property
     def counts(self) -> ZYX:
-        return tuple(math.ceil(n / b) for n, b in zip(self.shape, self.block))  # type: ignore[return-value]
+        return tuple(math.ceil(n / b) for n, b in zip(self.shape, self.block, strict=True))  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return math.prod(self.counts)
 
     def block_at(self, index: Sequence[int]) -> Block:
         core = tuple(
-            slice(i * b, min(n, (i + 1) * b)) for i, b, n in zip(index, self.block, self.shape)
+            slice(i * b, min(n, (i + 1) * b))
+            for i, b, n in zip(index, self.block, self.shape, strict=True)
         )
         return Block(tuple(int(i) for i in index), core, grow(core, self.halo, self.shape))  # type: ignore[arg-type]
 
@@ -112,7 +117,7 @@ def block_for_budget(
 
     def cost(side: int) -> float:
         sides = [min(side, n) for n in shape]
-        grown = [min(s + 2 * h, n) for s, h, n in zip(sides, halo, shape)]
+        grown = [min(s + 2 * h, n) for s, h, n in zip(sides, halo, shape, strict=True)]
         return math.prod(grown) * bytes_per_voxel
 
     side = multiple

@@ -45,6 +45,10 @@ class FeatureSpec:
     percentiles: np.ndarray
     context_sigmas: tuple[float, ...] = ()
     threads: int = 1
+    #: name under which this process keeps each block's features for the later passes of the
+    #: same stage (None: recompute them in each pass). Only where the whole volume's features
+    #: fit the memory budget and the blocks run in this process (see :func:`drop_cache`).
+    cache: str | None = None
 
     @property
     def halo(self) -> tuple[int, int, int]:
@@ -54,6 +58,16 @@ class FeatureSpec:
     def context_halo(self) -> tuple[int, int, int]:
         r = max((int(4.0 * s + 0.5) for s in self.context_sigmas), default=0)
         return (r, r, r)
+
+
+#: features of whole blocks kept between passes: ``{(spec.cache, block core): (F, ...)}``
+_CACHE: dict[tuple[str, tuple[tuple[int, int], ...]], np.ndarray] = {}
+
+
+def drop_cache(token: str | None) -> None:
+    """Forget the block features kept under ``token``."""
+    for key in [k for k in _CACHE if k[0] == token]:
+        del _CACHE[key]
 
 
 def block_features(
@@ -66,8 +80,23 @@ def block_features(
 ) -> np.ndarray:
     """Features ``(F, *region)`` of the voxels in ``region`` (volume coordinates), from the
     image read over ``image_box`` (``region`` grown by ``spec.halo``) and, when given, the
-    context probabilities ``(K, ...)`` read over ``context_box``."""
-    crop = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box))
+    context probabilities ``(K, ...)`` read over ``context_box``. With ``spec.cache``, the
+    result is kept for the passes that ask for the same region again."""
+    key = None
+    if spec.cache is not None:
+        key = (spec.cache, tuple((int(r.start), int(r.stop)) for r in region))
+        if key in _CACHE:
+            return _CACHE[key]
+    out = _compute_features(image_ext, image_box, context_ext, context_box, region, spec)
+    if key is not None:
+        _CACHE[key] = out
+    return out
+
+
+def _compute_features(image_ext, image_box, context_ext, context_box, region, spec) -> np.ndarray:
+    crop = tuple(
+        slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box, strict=True)
+    )
     feats = voxel_features(
         image_ext, spec.voxel_size_zyx_um, spec.sigmas, spec.percentiles, spec.threads, crop
     )
@@ -75,7 +104,9 @@ def block_features(
         return feats
     assert context_box is not None
     ctx = context_features(np.asarray(context_ext, np.float32), spec.context_sigmas)
-    crop = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box))
+    crop = tuple(
+        slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box, strict=True)
+    )
     return np.concatenate([feats, ctx[(slice(None), *crop)]])
 
 
@@ -91,7 +122,7 @@ def _scan(label_core: np.ndarray, core: Sequence[slice], shape, num_classes: int
     for c in range(num_classes):
         local = np.nonzero(label_core == c)
         if local[0].size:
-            idx = np.ravel_multi_index(tuple(z[i] for z, i in zip(zyx, local)), shape)
+            idx = np.ravel_multi_index(tuple(z[i] for z, i in zip(zyx, local, strict=True)), shape)
         else:
             idx = np.zeros(0, np.int64)
         per_class.append(idx.astype(np.int64))
@@ -133,20 +164,28 @@ def _predict(image_ext, image_box, context_ext, context_box, core, spec, forest,
 
 
 def _fold_block(
-    image_ext, image_box, context_ext, context_box, boxes, spec, forest, sink
+    image_ext, image_box, context_ext, context_box, region, boxes, spec, forest, sink
 ) -> int:
     """Predict the voxels of this block's held-out planes (``boxes``, each one plane's part of
-    the block's core) with the fold's forest and write them into ``sink`` (the crossfit store).
-    One task per block, so no two tasks write the same chunk."""
+    the block's core, inside ``region``) with the fold's forest and write them into ``sink``
+    (the crossfit store). One task per block, so no two tasks write the same chunk. With
+    ``spec.cache`` the features of the whole ``region`` (the block's core, kept from the
+    prediction pass) are cut; otherwise each plane's are computed from a slab around it."""
     n = 0
+    whole = None
+    if spec.cache is not None:
+        whole = block_features(image_ext, image_box, context_ext, context_box, region, spec)
     for box in boxes:
-        img_box = grow(box, spec.halo, _shape_of(image_box, image_ext))
-        img = image_ext[(slice(None), *_within(img_box, image_box))]
-        ctx = ctx_box = None
-        if context_ext is not None:
-            ctx_box = grow(box, spec.context_halo, _shape_of(context_box, context_ext))
-            ctx = context_ext[(slice(None), *_within(ctx_box, context_box))]
-        feats = block_features(img, img_box, ctx, ctx_box, box, spec)
+        if whole is not None:
+            feats = whole[(slice(None), *_within(box, region))]
+        else:
+            img_box = grow(box, spec.halo, _shape_of(image_box, image_ext))
+            img = image_ext[(slice(None), *_within(img_box, image_box))]
+            ctx = ctx_box = None
+            if context_ext is not None:
+                ctx_box = grow(box, spec.context_halo, _shape_of(context_box, context_ext))
+                ctx = context_ext[(slice(None), *_within(ctx_box, context_box))]
+            feats = block_features(img, img_box, ctx, ctx_box, box, spec)
         sink(box, forest.predict_proba(feats, chunk_voxels=1 << 18))
         n += int(np.prod(feats.shape[1:]))
     return n
@@ -159,7 +198,9 @@ def _shape_of(box: Sequence[slice], ext: np.ndarray) -> tuple[int, ...]:
 
 
 def _within(inner: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+    return tuple(
+        slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +260,10 @@ def feature_rows(
         if part.size == 0:
             continue
         pts = zyx[part]
-        region = tuple(slice(int(pts[:, a].min()), int(pts[:, a].max()) + 1) for a in range(3))
+        if spec.cache is not None:  # the whole block, computed once for every pass
+            region = grid.block_at(np.unravel_index(owner[part[0]], grid.counts)).core
+        else:  # only the box around this block's training voxels
+            region = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts.T)
         img_box = grow(region, spec.halo, shape)
         ctx = ctx_box = None
         if context is not None:
@@ -233,7 +277,7 @@ def feature_rows(
         spans.append(part)
     rows = engine.run(tasks, "training features")
     out = np.empty((flat.size, rows[0].shape[1]), np.float32)
-    for part, r in zip(spans, rows):
+    for part, r in zip(spans, rows, strict=True):
         out[part] = r
     return out
 
@@ -261,7 +305,13 @@ def predict_pass(
             ctx = context[(slice(None), *ctx_box)]
         tasks.append(
             dask.delayed(_predict)(
-                vol.image[(slice(None), *b.ext)], b.ext, ctx, ctx_box, b.core, spec, forest_d,
+                vol.image[(slice(None), *b.ext)],
+                b.ext,
+                ctx,
+                ctx_box,
+                b.core,
+                spec,
+                forest_d,
                 list(sinks),
             )  # fmt: skip
         )
@@ -296,9 +346,12 @@ def fold_pass(
         boxes = _plane_boxes(b, fold)
         if not boxes:
             continue
-        region = tuple(
-            slice(min(x[a].start for x in boxes), max(x[a].stop for x in boxes)) for a in range(3)
-        )
+        region = b.core
+        if spec.cache is None:  # only the box around the planes
+            region = tuple(
+                slice(min(x[a].start for x in boxes), max(x[a].stop for x in boxes))
+                for a in range(3)
+            )
         img_box = grow(region, spec.halo, shape)
         ctx = ctx_box = None
         if context is not None:
@@ -306,7 +359,14 @@ def fold_pass(
             ctx = context[(slice(None), *ctx_box)]
         tasks.append(
             dask.delayed(_fold_block)(
-                vol.image[(slice(None), *img_box)], img_box, ctx, ctx_box, boxes, spec, forest_d,
+                vol.image[(slice(None), *img_box)],
+                img_box,
+                ctx,
+                ctx_box,
+                region,
+                boxes,
+                spec,
+                forest_d,
                 sink,
             )  # fmt: skip
         )
@@ -383,7 +443,7 @@ def stacked_forests_blockwise(
     context = None
     stores = None
     for stage in range(int(stages)):
-        stage_spec = spec if context is not None else _no_context(spec)
+        stage_spec = _stage_spec(spec, context is not None, stage)
         # training voxels of the forest and of each fold's forest, features computed once
         draws = [forest.sample_indices(per_class)]
         for fold in folds:
@@ -394,7 +454,7 @@ def stacked_forests_blockwise(
         rows = feature_rows(vol, grid, union, stage_spec, context, engine)
         labels = _labels_at(per_class, union)
 
-        def fit(model: RandomForestSegmenter, drawn: np.ndarray) -> RandomForestSegmenter:
+        def fit(model, drawn, union=union, rows=rows, labels=labels) -> RandomForestSegmenter:
             pos = np.searchsorted(union, drawn)
             return model.fit_rows(rows[pos], labels[pos])
 
@@ -407,20 +467,25 @@ def stacked_forests_blockwise(
             vol, grid, stage_spec, context, forest, [stores.full, stores.crossfit], engine,
             desc=f"forest, stage {stage + 1}",
         )  # fmt: skip
-        for fold, drawn in zip(folds, draws[1:]):
+        for fold, drawn in zip(folds, draws[1:], strict=True):
             if drawn is None:
                 continue
             assert fold_forest is not None
             fit(fold_forest, drawn)
             fold_pass(vol, grid, fold, stage_spec, context, fold_forest, stores.crossfit, engine)
-        del rows
+        drop_cache(stage_spec.cache)
         context = da.from_zarr(stores.crossfit.path)
     assert stores is not None
     return stores
 
 
-def _no_context(spec: FeatureSpec) -> FeatureSpec:
-    return FeatureSpec(spec.sigmas, spec.voxel_size_zyx_um, spec.percentiles, (), spec.threads)
+def _stage_spec(spec: FeatureSpec, context: bool, stage: int) -> FeatureSpec:
+    """``spec`` for one stage: without context features in the first; a cache token per stage."""
+    import dataclasses
+
+    cache = None if spec.cache is None else f"{spec.cache}/stage{stage + 1}"
+    ctx = spec.context_sigmas if context else ()
+    return dataclasses.replace(spec, context_sigmas=ctx, cache=cache)
 
 
 def _labels_at(per_class: Sequence[np.ndarray], flat: np.ndarray) -> np.ndarray:

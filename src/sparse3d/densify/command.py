@@ -33,6 +33,7 @@ This module runs the command and the paper's network; the inputs and their impor
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,31 @@ from omegaconf import DictConfig
 from sparse3d.atomic import write_json_atomic
 from sparse3d.cli import UserError, run_hydra
 from sparse3d.densify.inputs import check_targets, configure_inputs
-from sparse3d.densify.methods import Segment, random_forest, refine, refine_probabilities
+from sparse3d.densify.methods import Segment, refine, refine_probabilities
 from sparse3d.densify.results import iou_line, score
+from sparse3d.densify.setup import (
+    Options,
+    open_engine,
+    read_options,
+    register_configs,
+    summary_of,
+    workers_of,
+)
 from sparse3d.distributed import is_global_zero
 from sparse3d.experiment import resolve_volumes
 from sparse3d.train import train
+
+log = logging.getLogger("sparse3d.densify")
 
 __all__ = ["METHODS", "Segment", "densify", "main", "refine_probabilities"]
 
 METHODS = ("refine", "unet", "rf")
 
 
-def _prepare(cfg: DictConfig) -> tuple[Path, dict[str, Path], dict[str, Path]]:
-    """Inputs of either method: ``(out, {name: volume file}, {name: <out>/<name>_seg.h5})``.
+def _prepare(
+    cfg: DictConfig, suffix: str = "_seg.h5"
+) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """Inputs of any method: ``(out, {name: volume file}, {name: <out>/<name><suffix>})``.
 
     Imports non-HDF5 inputs, generates the demo volume when ``inputs=[]``, refuses existing
     results without ``overwrite=true``, all before any training.
@@ -65,7 +78,7 @@ def _prepare(cfg: DictConfig) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     out = Path(str(cfg.out))
     configure_inputs(cfg, out)
     paths = resolve_volumes(cfg.data)
-    targets = check_targets(cfg, out, list(paths))
+    targets = check_targets(cfg, out, list(paths), suffix)
     out.mkdir(parents=True, exist_ok=True)
     return out, paths, targets
 
@@ -105,33 +118,108 @@ def _train_unet(
     return segment, seconds
 
 
+#: options that need the whole volume in memory (the in-memory path of :mod:`.methods`)
+IN_MEMORY_ONLY = ("deform", "pseudo_class_fraction", "rounds")
+
+
+def _in_memory(options: Options) -> bool:
+    """Whether ``options`` ask for refine options the blockwise engine does not run."""
+    r = options.refine
+    return options.method == "refine" and (
+        r.deform or r.pseudo_class_fraction is not None or r.rounds != 1
+    )
+
+
+def _say_preset(cfg: DictConfig, method: str) -> None:
+    preset = cfg.get("preset_name")
+    if preset and method != "unet":
+        log.info(
+            "preset=%s sizes the paper's network of method=unet; method=%s does not use it "
+            "(its options: %s)", preset, method, "refine.* and rf.*" if method == "refine" else "rf.*"
+        )  # fmt: skip
+
+
 def densify(cfg: DictConfig) -> dict[str, Any]:
     """Learn from the annotated slices with ``cfg.method``, segment every input densely, score
     where a dense truth exists; writes and returns the summary (``densify.json``)."""
-    out, paths, targets = _prepare(cfg)
-    method = str(cfg.get("method", "unet"))
+    options = read_options(cfg)  # every option checked before any work
+    method = options.method
+    _say_preset(cfg, method)
+    suffix = "_seg.ome.zarr" if options.output_format == "ome-zarr" else "_seg.h5"
+    out, paths, targets = _prepare(cfg, suffix)
     summary: dict[str, Any] = {"method": method, "volumes": {}}
-    if method == "unet":
-        segment, shared_seconds = _train_unet(cfg, out, summary)
-    elif method == "refine":
-        segment, shared_seconds = refine(cfg, summary)
+    if method == "unet" or _in_memory(options):
+        if method == "unet":
+            segment, shared_seconds = _train_unet(cfg, out, summary)
+        else:
+            log.info("refine.%s: the whole volume is held in memory", "/".join(IN_MEMORY_ONLY))
+            segment, shared_seconds = refine(cfg, summary)
+        if segment is None:
+            return summary
+        for name, src in paths.items():
+            seg = targets[name]
+            png = seg.with_suffix(".png")
+            seconds = shared_seconds + segment(src, seg, png)
+            entry: dict[str, Any] = {
+                "segmentation": str(seg),
+                "picture": str(png),
+                "seconds": round(seconds, 2),
+            }
+            entry.update(score(src, seg))
+            summary["volumes"][name] = entry
     else:
-        segment, shared_seconds = random_forest(cfg, summary)
-    if segment is None:
-        return summary
-    for name, src in paths.items():
-        seg = targets[name]
-        png = seg.with_suffix(".png")
-        seconds = shared_seconds + segment(src, seg, png)
-        entry: dict[str, Any] = {
-            "segmentation": str(seg),
-            "picture": str(png),
-            "seconds": round(seconds, 2),
-        }
-        entry.update(score(src, seg))
-        summary["volumes"][name] = entry
+        summary.update(summary_of(options))
+        summary["steps"] = {}
+        for name, src in paths.items():
+            summary["volumes"][name] = _blockwise_volume(name, src, targets[name], options, cfg)
+            summary["steps"][name] = summary["volumes"][name].pop("facts")
     write_json_atomic(out / "densify.json", summary)
     return summary
+
+
+def _blockwise_volume(
+    name: str, src: Path, seg: Path, options: Options, cfg: DictConfig
+) -> dict[str, Any]:
+    """One volume through the blockwise engine; its densify.json entry."""
+    import sys
+
+    from sparse3d.data.volume import open_volume
+    from sparse3d.densify.pipeline import densify_file, volume_plan
+
+    with open_volume(src, scan_values=False) as vol:
+        shape, channels = tuple(vol.label.shape), int(vol.image.shape[0])
+        meta = vol.meta
+    workers = workers_of(options.cluster)
+    try:
+        plan, halo = volume_plan(
+            shape, channels, meta.labels.num_classes, meta.voxel_size_zyx_um, options.method,
+            options.rf, options.refine, workers, options.budget_bytes,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UserError(f"{name}: {err}") from None
+    print(f"{name}: {plan.line()}", file=sys.stderr)
+    engine, close = open_engine(
+        options.cluster, workers, options.budget_bytes, plan.n_blocks, sys.stderr.isatty()
+    )
+    try:
+        run = densify_file(
+            src, seg, seg.with_name(f"{name}_seg.png"), options.method, options.rf,
+            options.refine, engine, plan, halo, options.output_format,
+            bool(cfg.save_probabilities),
+        )  # fmt: skip
+    except ValueError as err:
+        raise UserError(f"{name}: {str(err).splitlines()[0]}") from None
+    finally:
+        close()
+    entry: dict[str, Any] = {
+        "segmentation": str(run.segmentation),
+        "picture": str(run.picture),
+        "seconds": round(run.seconds, 2),
+        "plan": plan.line(),
+        "facts": run.facts,
+    }
+    entry.update(run.scores)
+    return entry
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -146,6 +234,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"{iou_line(e['unannotated'])}"
             )
             print(f"{name}: IoU on all voxels: {iou_line(e['all_voxels'])}")
+
+
+register_configs()
 
 
 def main() -> None:

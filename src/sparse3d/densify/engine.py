@@ -78,8 +78,9 @@ class Engine:
         return out
 
     def _run_threads(self, tasks: Sequence[Any], desc: str) -> list[Any]:
-        import dask
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        import dask
 
         # each task is computed on its own (its reads included), at most ``workers`` at once
         out: list[Any] = [None] * len(tasks)

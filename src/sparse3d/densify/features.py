@@ -239,7 +239,7 @@ def voxel_features(
     shape = image.shape[1:]
     names = feature_names(c, sig)
     box = tuple(slice(None) for _ in range(3)) if crop is None else tuple(crop)
-    kept = tuple(len(range(*b.indices(n))) for b, n in zip(box, shape))
+    kept = tuple(len(range(*b.indices(n))) for b, n in zip(box, shape, strict=True))
     feats = np.empty((len(names), *kept), dtype=np.float32)
     norm = normalize_volume(image) if percentiles is None else apply_percentiles(image, percentiles)
     bar = tqdm(

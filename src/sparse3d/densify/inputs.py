@@ -173,9 +173,9 @@ def configure_inputs(cfg: DictConfig, out: Path) -> None:
         )
 
 
-def check_targets(cfg: DictConfig, out: Path, names) -> dict[str, Path]:
-    """``{name: <out>/<name>_seg.h5}``; refuses existing ones unless ``overwrite=true``."""
-    targets = {n: out / f"{n}_seg.h5" for n in names}
+def check_targets(cfg: DictConfig, out: Path, names, suffix: str = "_seg.h5") -> dict[str, Path]:
+    """``{name: <out>/<name><suffix>}``; refuses existing ones unless ``overwrite=true``."""
+    targets = {n: out / f"{n}{suffix}" for n in names}
     existing = [p for p in targets.values() if p.exists()]
     if existing and not cfg.overwrite:
         raise UserError(f"{existing[0]} exists: pass overwrite=true to replace it")

@@ -125,6 +125,7 @@ class PlaneTiles(IterableDataset):
             np.pad(pseudo, pads, constant_values=ignore_index).astype(np.int64)
         )
         self.input_tile = tuple(int(t) for t in input_tile)
+        self.shape_zyx = tuple(int(n) for n in self.label.shape)
         self.seed = int(seed)
         self.pseudo_fraction = float(pseudo_fraction)
         unknown = set(flip_axes) - set(AXES)
@@ -164,25 +165,27 @@ class PlaneTiles(IterableDataset):
     def _tile(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         use_pseudo = len(self.pseudo_centres) > 0 and rng.random() < self.pseudo_fraction
         centre = self._draw(rng, use_pseudo)
-        shape = self.label.shape
+        shape = self.shape_zyx
         start = []
         for c, t, n in zip(centre, self.input_tile, shape, strict=True):
             jitter = int(rng.integers(-(t // 4), t // 4 + 1))
             start.append(int(np.clip(c - t // 2 + jitter, 0, n - t)))
+        image, label, pseudo = self._read(start)
+        for axis in range(3):
+            if rng.random() < 0.5 and axis in self.flip_dims:  # one draw per axis, always
+                image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
+        return {"image": image.contiguous(), "label": label.contiguous(), "pseudo": pseudo}
+
+    def _read(self, start: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image (C, *tile), label (*tile), pseudo (*tile))`` of the tile at ``start``."""
         if self.deform is not None:
             d = self.deform(
                 {"image": self.image, "label": self.label, "pseudo": self.pseudo,
                  "tile_start_zyx": start}
             )  # fmt: skip
-            image, label, pseudo = d["image"], d["label"], d["pseudo"]
-        else:
-            box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
-            image, label = self.image[(slice(None), *box)], self.label[box]
-            pseudo = self.pseudo[box]
-        for axis in range(3):
-            if rng.random() < 0.5 and axis in self.flip_dims:  # one draw per axis, always
-                image, label, pseudo = image.flip(axis + 1), label.flip(axis), pseudo.flip(axis)
-        return {"image": image.contiguous(), "label": label.contiguous(), "pseudo": pseudo}
+            return d["image"], d["label"], d["pseudo"]
+        box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
+        return self.image[(slice(None), *box)], self.label[box], self.pseudo[box]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()

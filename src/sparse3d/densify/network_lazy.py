@@ -1,0 +1,250 @@
+"""The refining network of ``method=refine`` on stores instead of arrays (layer 3: it uses
+the refine options' class-weight rule of :mod:`.methods`).
+
+Training tiles are read one at a time from the image (a lazy dask array), the last forest
+stage's cross-fitted probabilities and its full probabilities (zarr stores): the network's
+input is the normalised image and the cross-fitted probabilities, its targets the annotation
+and the pseudo-labels thresholded from the full probabilities, as in memory. Tile centres are
+the annotated voxels and a uniform sample of the pseudo-labelled ones (at most
+:data:`MAX_PSEUDO_CENTRES`, drawn block by block in proportion to each block's count).
+
+Prediction runs block by block with a halo of the network's receptive field (a same-padded
+network sees zeros only where the volume ends), and each block's softmax is averaged with the
+forests' probabilities into a store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparse3d.densify.blocks import BlockGrid, grow
+from sparse3d.densify.blockwise import FeatureSpec, LazyInput, Stores, ZarrSink, create_store
+from sparse3d.densify.engine import Engine
+from sparse3d.densify.network import PlaneTiles, fit_tile, predict_same_padded
+from sparse3d.densify.options import RefineOptions
+
+#: pseudo-labelled voxels kept as tile centres (a uniform sample when more qualify)
+MAX_PSEUDO_CENTRES = 2_000_000
+
+
+def _pseudo_block(full_core, label_core, core, shape, threshold, ign, keep_fraction, seed):
+    """This block's pseudo-labelled voxels: their count and, unless ``keep_fraction`` is 0, a
+    uniform sample of that fraction as ``[flat indices of class c]`` per class."""
+    p = np.asarray(full_core)
+    hit = np.flatnonzero((p.max(0) >= threshold) & (np.asarray(label_core) == ign))
+    count = int(hit.size)
+    if keep_fraction <= 0:
+        return count, None
+    if keep_fraction < 1.0 and count:
+        rng = np.random.default_rng(seed)
+        hit = np.sort(rng.choice(hit, int(round(count * keep_fraction)), replace=False))
+    cls = p.reshape(p.shape[0], -1)[:, hit].argmax(0)
+    local = np.unravel_index(hit, p.shape[1:])
+    flat = np.ravel_multi_index(tuple(i + s.start for i, s in zip(local, core, strict=True)), shape)
+    return count, [flat[cls == c].astype(np.int64) for c in range(p.shape[0])]
+
+
+class StoreTiles(PlaneTiles):
+    """:class:`PlaneTiles` whose tiles are read from the stores: ``image`` ``(C, Z, Y, X)``
+    (dask or array), ``crossfit`` and ``full`` ``(K, Z, Y, X)`` zarr paths, ``label``
+    ``(Z, Y, X)`` (dask or array); centres given as flat indices. The volume must be at least
+    one tile large on every axis (:func:`fit_tile` shrinks the tile to it)."""
+
+    def __init__(
+        self,
+        image: Any,
+        label: Any,
+        crossfit: str,
+        full: str,
+        percentiles: np.ndarray,
+        ignore_index: int,
+        threshold: float,
+        centres: Sequence[np.ndarray],
+        pseudo_centres: Sequence[np.ndarray],
+        input_tile: Sequence[int],
+        seed: int = 0,
+        flip_axes: Sequence[str] = ("z", "y", "x"),
+        centre_sampling: str = "voxel",
+    ) -> None:
+        torch.utils.data.IterableDataset.__init__(self)
+        self.deform = None
+        self.source_image, self.source_label = image, label
+        self.crossfit_path, self.full_path = crossfit, full
+        self.percentiles = percentiles
+        self.ignore_index = int(ignore_index)
+        self.threshold = float(threshold)
+        self.shape_zyx = tuple(int(n) for n in label.shape)
+        self.input_tile = tuple(int(t) for t in input_tile)
+        if any(t > n for t, n in zip(self.input_tile, self.shape_zyx, strict=True)):
+            raise ValueError(f"tile {self.input_tile} larger than the volume {self.shape_zyx}")
+        self.seed = int(seed)
+        self.pseudo_fraction = 0.5
+        self.flip_dims = tuple(i for i, a in enumerate("zyx") if a in set(flip_axes))
+        self.centre_sampling = centre_sampling
+
+        def zyx(flat: np.ndarray) -> np.ndarray:
+            return np.stack(np.unravel_index(np.asarray(flat, np.int64), self.shape_zyx), axis=1)
+
+        self.centres = zyx(np.concatenate(list(centres)))
+        self.pseudo_centres = zyx(np.concatenate(list(pseudo_centres)))
+        if len(self.centres) == 0:
+            raise ValueError("no annotated voxel to train on")
+        self.by_class = self.pseudo_by_class = []
+        if centre_sampling == "class":
+            self.by_class = [zyx(c) for c in centres if len(c)]
+            self.pseudo_by_class = [zyx(c) for c in pseudo_centres if len(c)]
+        self._stores: tuple[Any, Any] | None = None
+
+    def _open(self):
+        import zarr
+
+        if self._stores is None:
+            self._stores = (
+                zarr.open_array(self.crossfit_path, mode="r"),
+                zarr.open_array(self.full_path, mode="r"),
+            )
+        return self._stores
+
+    def _read(self, start: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from sparse3d.data.normalize import apply_percentiles
+
+        box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
+        crossfit, full = self._open()
+        image = apply_percentiles(
+            np.asarray(self.source_image[(slice(None), *box)]), self.percentiles
+        )
+        x = np.concatenate([image, crossfit[(slice(None), *box)]]).astype(np.float32)
+        label = np.asarray(self.source_label[box]).astype(np.int64)
+        p = full[(slice(None), *box)]
+        keep = (p.max(0) >= self.threshold) & (label == self.ignore_index)
+        pseudo = np.where(keep, p.argmax(0), self.ignore_index).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(label), torch.from_numpy(pseudo)
+
+
+def _predict_block(image_ext, cross_ext, full_core, ext, core, net, multiple, pct, weight,
+                   flips, threads, sink) -> int:  # fmt: skip
+    """The network's softmax over the grown block, its core averaged with the forests'."""
+    from sparse3d.data.normalize import apply_percentiles
+
+    torch.set_num_threads(max(1, int(threads)))
+    x = np.concatenate([apply_percentiles(np.asarray(image_ext), pct), np.asarray(cross_ext)])
+    prob = predict_same_padded(net, x.astype(np.float32), multiple, 0, 1 << 62, flips)
+    crop = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext, strict=True))
+    avg = (1.0 - weight) * prob[(slice(None), *crop)] + weight * np.asarray(full_core)
+    sink(core, avg.astype(np.float32))
+    return int(np.prod(avg.shape[1:]))
+
+
+def refine_network_blockwise(
+    vol: LazyInput,
+    grid: BlockGrid,
+    spec: FeatureSpec,
+    stores: Stores,
+    opts: RefineOptions,
+    engine: Engine,
+    scratch: Path,
+    facts: dict[str, Any],
+) -> ZarrSink:
+    """Train the refining network on tiles read from ``stores`` and predict it block by block;
+    returns the store of the average with the forests (``(K, Z, Y, X)`` float32)."""
+    import dask
+    import dask.array as da
+
+    from sparse3d.densify.blockwise import labelled_indices
+    from sparse3d.densify.methods import refine_class_weights
+    from sparse3d.densify.network import TTA_FLIPS
+    from sparse3d.densify.network_fit import RefineModule, fit_refiner
+    from sparse3d.models import UNet
+
+    if opts.deform or opts.pseudo_class_fraction is not None or opts.rounds != 1:
+        raise ValueError(
+            "refine.deform, refine.pseudo_class_fraction and refine.rounds > 1 need the whole "
+            "volume in memory; leave them at their defaults for blockwise runs"
+        )
+    shape, k, ign = vol.shape, vol.num_classes, vol.ignore_index
+    per_class = labelled_indices(vol, grid, engine)
+    full = da.from_zarr(stores.full.path)
+
+    def pseudo_pass(keep: float, desc: str) -> list[Any]:
+        return engine.run(
+            [
+                dask.delayed(_pseudo_block)(
+                    full[(slice(None), *b.core)],
+                    vol.label[b.core],
+                    b.core,
+                    shape,
+                    opts.pseudo_threshold,
+                    ign,
+                    keep,
+                    [opts.seed, *b.index],
+                )  # fmt: skip
+                for b in grid
+            ],
+            desc,
+        )
+
+    n_pseudo = sum(c for c, _ in pseudo_pass(0.0, "pseudo-labels: count"))
+    keep = min(1.0, MAX_PSEUDO_CENTRES / max(n_pseudo, 1))
+    found = [s for _, s in pseudo_pass(keep, "pseudo-labels: sample")]
+    pseudo = [np.concatenate([f[c] for f in found]) for c in range(k)]
+    facts["pseudo_labels"] = int(n_pseudo)
+    facts["pseudo_centres"] = int(sum(len(p) for p in pseudo))
+    del found
+
+    torch.manual_seed(int(opts.seed))
+    net = UNet(
+        vol.image.shape[0] + k, k, base_channels=opts.base_channels, depth=opts.depth,
+        padding="same", norm="batch", bn_eval_stats="running",
+    )  # fmt: skip
+    multiple = 2 ** (opts.depth - 1)
+    input_tile = fit_tile(tuple(opts.input_tile), shape, multiple)
+    tiles = StoreTiles(
+        vol.image, vol.label, stores.crossfit.path, stores.full.path, spec.percentiles, ign,
+        opts.pseudo_threshold, per_class, pseudo, input_tile, seed=opts.seed,
+        flip_axes=tuple(opts.flip_axes), centre_sampling=opts.centre_sampling,
+    )  # fmt: skip
+    counts_k = np.asarray([len(i) for i in per_class])
+    label_counts = np.repeat(np.arange(k), counts_k).astype(np.uint8)
+    module = RefineModule(
+        net, k, ign, pseudo_weight=opts.pseudo_weight, lr=opts.lr, max_steps=opts.max_steps,
+        time_budget_s=opts.time_budget_s,
+        class_weights=refine_class_weights(label_counts, k, opts.class_weights),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    fit = fit_refiner(module, tiles, opts.batch_size, progress_bar=engine.progress)
+    facts.update(steps=int(fit["steps"]), network_seconds=round(time.perf_counter() - t0, 1))
+    net.eval()
+    net_d = dask.delayed(net.cpu(), pure=True)
+    halo_net = -(-(net.receptive_field // 2 + 1) // multiple) * multiple
+    out = create_store(scratch / "refined.zarr", (k, *shape), (k, *grid.block), "float32")
+    cross = da.from_zarr(stores.crossfit.path)
+    flips = TTA_FLIPS if opts.tta else ((),)
+    tasks = []
+    for b in grid:
+        ext = grow(b.core, (halo_net,) * 3, shape)
+        tasks.append(
+            dask.delayed(_predict_block)(
+                vol.image[(slice(None), *ext)],
+                cross[(slice(None), *ext)],
+                full[(slice(None), *b.core)],
+                ext,
+                b.core,
+                net_d,
+                multiple,
+                spec.percentiles,
+                opts.forest_weight,
+                flips,
+                engine.threads_per_task,
+                out,
+            )  # fmt: skip
+        )
+    t1 = time.perf_counter()
+    engine.run(tasks, "network")
+    facts["network_prediction_seconds"] = round(time.perf_counter() - t1, 1)
+    return out

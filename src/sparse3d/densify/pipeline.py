@@ -1,0 +1,278 @@
+"""One volume through densify block by block (layer 3: plain options in, files out).
+
+:func:`densify_file` reads a sparse3d volume lazily, plans the blocks from the memory budget
+(:mod:`sparse3d.densify.plan`: one line, or a one-line error before any work), runs the forests
+blockwise (:mod:`sparse3d.densify.blockwise`) and, for ``method=refine``, the refining network
+on tiles read from the stores (:mod:`sparse3d.densify.network_lazy`), then writes the
+segmentation block by block (chunked HDF5 or OME-Zarr), its overview picture from a
+down-sampled view and its scores from blockwise confusion matrices.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse3d.densify.blocks import BlockGrid
+from sparse3d.densify.blockwise import (
+    FeatureSpec,
+    LazyInput,
+    ZarrSink,
+    create_store,
+    stacked_forests_blockwise,
+)
+from sparse3d.densify.engine import Engine
+from sparse3d.densify.features import feature_halo, feature_names
+from sparse3d.densify.forests import RandomForestSegmenter
+from sparse3d.densify.options import RefineOptions, RfOptions
+from sparse3d.densify.plan import Plan, forest_bytes, plan_blocks
+
+log = logging.getLogger("sparse3d.densify")
+
+
+@dataclass
+class VolumeRun:
+    """What :func:`densify_file` did: the output, the plan, the seconds per step and the IoU
+    summaries (``unannotated``, ``all_voxels``, ``annotated_fraction``) where a truth exists."""
+
+    segmentation: Path
+    picture: Path
+    plan: Plan
+    seconds: float
+    facts: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+def volume_plan(
+    shape: Sequence[int],
+    channels: int,
+    classes: int,
+    voxel_size_zyx_um: Sequence[float] | None,
+    method: str,
+    rf: RfOptions,
+    refine: RefineOptions,
+    workers: int,
+    budget_bytes: int,
+) -> tuple[Plan, tuple[int, int, int]]:
+    """The block plan of one volume and the halo its blocks are read with."""
+    f_base = len(feature_names(channels, tuple(rf.sigmas)))
+    halo = feature_halo(tuple(rf.sigmas), voxel_size_zyx_um)
+    f = f_base
+    if method == "refine" and refine.rf_stages > 1:
+        f += classes * (1 + len(refine.context_sigmas))
+        r = max(int(4.0 * s + 0.5) for s in refine.context_sigmas)
+        halo = tuple(max(h, r) for h in halo)  # type: ignore[assignment]
+    forest = forest_bytes(rf.n_trees, classes, rf.samples_per_class)
+    rows = 4 * f * classes * rf.samples_per_class * (1 + refine.folds)
+    plan = plan_blocks(shape, channels, f, classes, halo, workers, budget_bytes, forest, rows)
+    return plan, halo  # type: ignore[return-value]
+
+
+def _confusions(pred: np.ndarray, label: np.ndarray, truth: np.ndarray | None, k: int, ign: int):
+    from sparse3d.metrics import confusion_matrix
+
+    if truth is None:
+        return None
+    unannotated = np.where(label != ign, ign, truth)
+    return (
+        confusion_matrix(pred, unannotated, k, ign),
+        confusion_matrix(pred, truth, k, ign),
+        int((label != ign).sum()),
+    )
+
+
+def _final_block(probs_core, label_core, truth_core, core, k, ign, sink):
+    """Arg-max of one block's ``probs_core (K, ...)`` into the labels store; its confusion
+    matrices against the truth (None without one)."""
+    pred = np.asarray(probs_core).argmax(0).astype(np.uint8)
+    sink(core, pred, lead=False)
+    truth = None if truth_core is None else np.asarray(truth_core)
+    return _confusions(pred, np.asarray(label_core), truth, k, ign)
+
+
+def densify_file(
+    src: Path,
+    seg: Path,
+    png: Path,
+    method: str,
+    rf: RfOptions,
+    refine: RefineOptions,
+    engine: Engine,
+    plan: Plan,
+    halo: Sequence[int],
+    output_format: str = "h5",
+    save_probabilities: bool = False,
+    scratch: Path | None = None,
+) -> VolumeRun:
+    """``method`` (``rf`` or ``refine``) on the sparse3d volume ``src``, block by block;
+    writes ``seg`` (``.h5`` or ``.ome.zarr``) and the picture ``png``."""
+    import dask
+    import dask.array as da
+
+    from sparse3d.data.lazy import lazy_volume
+    from sparse3d.data.normalize import channel_percentiles
+
+    t0 = time.perf_counter()
+    lazy = lazy_volume(src, chunks=tuple(plan.block))
+    meta = lazy.meta
+    spec_l = meta.labels
+    k, ign = spec_l.num_classes, spec_l.ignore_index
+    voxel = tuple(float(v) for v in meta.voxel_size_zyx_um)
+    own_scratch = scratch is None
+    scratch = Path(tempfile.mkdtemp(prefix="sparse3d-")) if scratch is None else scratch
+    scratch.mkdir(parents=True, exist_ok=True)
+    facts: dict[str, Any] = {"plan": plan.line()}
+    try:
+        vol = LazyInput(lazy.image, lazy.label, k, ign, dict(meta.annotated_slices))
+        shape = vol.shape
+        grid = BlockGrid(shape, tuple(plan.block))  # type: ignore[arg-type]
+        ctx = tuple(refine.context_sigmas) if method == "refine" else ()
+        # blocks run in this process and the whole volume's features fit half the budget:
+        # each block's features are computed once per stage and kept between its passes
+        n_feat = len(feature_names(lazy.image.shape[0], tuple(rf.sigmas))) + k * (1 + len(ctx))
+        keep = engine.client is None and 4 * n_feat * np.prod(shape) <= plan.budget_bytes / 2
+        spec = FeatureSpec(
+            tuple(float(s) for s in rf.sigmas),
+            voxel,
+            channel_percentiles(lazy.image),
+            ctx,
+            engine.threads_per_task,
+            cache=f"{src}:{time.time_ns()}" if keep else None,
+        )
+        facts["features_kept"] = bool(keep)
+        forest = RandomForestSegmenter(k, ign, **rf.forest_kwargs())
+        stages, folds, fold_forest = 1, 0, None
+        if method == "refine":
+            stages, folds = refine.rf_stages, refine.folds
+            kw = {**rf.forest_kwargs(), "n_trees": refine.fold_trees}
+            fold_forest = RandomForestSegmenter(k, ign, **kw)
+        t1 = time.perf_counter()
+        stores = stacked_forests_blockwise(
+            vol, grid, spec, forest, fold_forest, stages, folds, scratch, engine
+        )
+        facts["forest_seconds"] = round(time.perf_counter() - t1, 1)
+        final = stores.full
+        if method == "refine" and refine.max_steps > 0:
+            from sparse3d.densify.network_lazy import refine_network_blockwise
+
+            final = refine_network_blockwise(
+                vol, grid, spec, stores, refine, engine, scratch, facts
+            )
+        # labels and scores, block by block
+        labels_path = scratch / "labels.zarr"
+        labels_sink = create_store(labels_path, shape, grid.block, "uint8")
+        probs = da.from_zarr(final.path)
+        truth = lazy.dense_label
+        tasks = [
+            dask.delayed(_final_block)(
+                probs[(slice(None), *b.core)],
+                vol.label[b.core],
+                None if truth is None else truth[b.core],
+                b.core,
+                k,
+                ign,
+                labels_sink,
+            )  # fmt: skip
+            for b in grid
+        ]
+        found = [c for c in engine.run(tasks, "labels") if c is not None]
+        scores = _scores(found, spec_l, shape) if found else {}
+        _write_output(
+            seg, png, labels_path, final if save_probabilities else None, lazy, output_format,
+            method, grid,
+        )  # fmt: skip
+    finally:
+        if own_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return VolumeRun(seg, png, plan, time.perf_counter() - t0, facts, scores)
+
+
+def _scores(found, spec, shape) -> dict[str, Any]:
+    from sparse3d.metrics import iou_summary
+
+    names = tuple(spec.class_names)
+    una = sum(f[0] for f in found)
+    allv = sum(f[1] for f in found)
+    annotated = sum(f[2] for f in found)
+    return {
+        "unannotated": iou_summary(una, names),
+        "all_voxels": iou_summary(allv, names),
+        "annotated_fraction": annotated / float(np.prod(shape)),
+    }
+
+
+def _write_output(
+    seg: Path,
+    png: Path,
+    labels_path: Path,
+    probs: ZarrSink | None,
+    lazy,
+    output_format: str,
+    method: str,
+    grid: BlockGrid,
+) -> None:
+    """The result file from the labels store, block by block, and the overview picture."""
+    import zarr
+
+    from sparse3d.inference.writers import ResultFile, write_overview
+
+    meta = lazy.meta
+    spec = meta.labels
+    labels = zarr.open_array(str(labels_path), mode="r")
+    attrs = {
+        "class_names": list(spec.class_names),
+        "channel_names": list(meta.channel_names),
+        "voxel_size_zyx_um": list(meta.voxel_size_zyx_um),
+        "source": str(lazy.path),
+        "method": method,
+    }
+    if output_format == "ome-zarr":
+        from sparse3d.data.ome_zarr import OmeZarrLabelsWriter
+
+        writer = OmeZarrLabelsWriter(
+            seg,
+            tuple(labels.shape),
+            tuple(meta.voxel_size_zyx_um),
+            ("unlabelled", *spec.class_names),
+            chunks_zyx=tuple(grid.block),
+            overwrite=True,
+        )
+        try:
+            for b in grid:  # napari's codes: 0 unlabelled, class c is c + 1
+                writer.write(b.core, labels[b.core] + 1)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    else:
+        dtype = "float16" if probs is not None else None
+        result = ResultFile(seg, tuple(labels.shape), spec.num_classes, dtype, attrs)
+        try:
+            pz = None if probs is None else zarr.open_array(probs.path, mode="r")
+            for b in grid:
+                result.labels[b.core] = labels[b.core]
+                if pz is not None and result.probabilities is not None:
+                    result.probabilities[(slice(None), *b.core)] = pz[(slice(None), *b.core)]
+            result.commit()
+        except BaseException:
+            result.abort()
+            raise
+
+    write_overview(
+        png,
+        lazy.image,
+        labels,
+        spec,
+        title=f"{lazy.path.name}: prediction",
+        voxel_size_zyx_um=meta.voxel_size_zyx_um,
+        channel_names=tuple(meta.channel_names),
+        overwrite=True,
+    )

@@ -1,0 +1,107 @@
+"""How much memory a blockwise densify run needs, and the block size that fits a budget
+(layer 1: arithmetic only).
+
+The model counts what each process holds at its peak:
+
+* every worker: the interpreter with numpy, SciPy and scikit-learn loaded
+  (:data:`WORKER_BYTES`), one forest (:func:`forest_bytes`) and one block's working set: the
+  block grown by its halo times the bytes the filters hold per voxel (the image and about 26
+  float32 temporaries of one channel at one scale), plus its core times the features and the
+  forest's buffers;
+* the main process: the interpreter with torch (:data:`MAIN_BYTES`), the labelled voxels'
+  indices and the training rows.
+
+``experiments/densify_scaling.py`` checks it against the measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sparse3d.densify.blocks import block_for_budget
+
+#: resident bytes of an idle worker process with densify's modules imported
+WORKER_BYTES = 350 * 2**20
+#: resident bytes of the main process before the volume's data (torch, Lightning, Hydra loaded)
+MAIN_BYTES = 900 * 2**20
+#: float32 temporaries per voxel of the grown block while one channel is filtered at one scale
+FILTER_TEMPORARIES = 26
+#: default budget: this fraction of the available memory, at most DEFAULT_BUDGET_CAP
+DEFAULT_BUDGET_FRACTION = 0.5
+DEFAULT_BUDGET_CAP = 8 * 10**9
+
+
+def forest_bytes(n_trees: int, num_classes: int, samples_per_class: int) -> int:
+    """Estimated size of a fully grown forest: about one node per two training voxels, each
+    node 64 bytes plus a float64 value per class."""
+    n_train = num_classes * samples_per_class
+    return int(n_trees * (n_train / 2) * (64 + 8 * num_classes))
+
+
+def block_bytes_per_voxel(channels: int, features: int, classes: int) -> tuple[float, float]:
+    """``(per grown voxel, per core voxel)`` bytes of one block's working set."""
+    grown = 4.0 * (channels + FILTER_TEMPORARIES)
+    core = 4.0 * (2 * features + 4 * classes)
+    return grown, core
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's block size and what it will take: ``peak_bytes`` over all processes."""
+
+    block: tuple[int, int, int]
+    n_blocks: int
+    workers: int
+    peak_bytes: int
+    budget_bytes: int
+
+    def line(self) -> str:
+        """``~3.1 GB peak, 48 blocks of 128x128x128, 2 workers (budget 8.0 GB)``."""
+        b = "x".join(str(n) for n in self.block)
+        w = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
+        return (
+            f"~{self.peak_bytes / 1e9:.1f} GB peak, {self.n_blocks} block"
+            f"{'s' if self.n_blocks != 1 else ''} of {b}, {w} "
+            f"(budget {self.budget_bytes / 1e9:.1f} GB)"
+        )
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    channels: int,
+    features: int,
+    classes: int,
+    halo: Sequence[int],
+    workers: int,
+    budget_bytes: int,
+    forest: int,
+    main_extra: int = 0,
+    largest: int = 256,
+) -> Plan:
+    """The largest block (sides multiples of 16, at most ``largest``) for which ``workers``
+    workers, each holding a forest of ``forest`` bytes and one block, plus the main process
+    (with ``main_extra`` bytes of its own data) stay within ``budget_bytes``.
+
+    Raises ValueError (one line, saying what budget would do) when none fits.
+    """
+    grown, core = block_bytes_per_voxel(channels, features, classes)
+    fixed = workers * (WORKER_BYTES + forest) + MAIN_BYTES + main_extra
+    per_worker = (budget_bytes - fixed) / workers
+    # a block's cost, folded into one bytes-per-grown-voxel figure (core <= grown)
+    per_voxel = grown + core
+    smallest = (16 + 2 * max(halo)) ** 3 * per_voxel
+    if per_worker < smallest:
+        need = fixed + workers * smallest
+        raise ValueError(
+            f"memory_budget={budget_bytes / 1e9:.1f}GB is too small for {workers} worker(s): "
+            f"this volume needs at least {math.ceil(need / 1e8) / 10:.1f}GB; raise "
+            f"memory_budget or use fewer workers (cluster.n_workers=1)"
+        )
+    block = block_for_budget(shape, halo, per_voxel, per_worker, multiple=16, largest=largest)
+    n_blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
+    grown_vox = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
+    used = min(workers, n_blocks)
+    peak = fixed - (workers - used) * (WORKER_BYTES + forest) + used * grown_vox * per_voxel
+    return Plan(block, n_blocks, used, int(peak), int(budget_bytes))
