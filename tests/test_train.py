@@ -224,6 +224,7 @@ def test_cli_with_offline_wandb(smoke_data, tmp_path):
             "experiment=semi_cv",
             "fold=1",
             "preset=smoke",
+            "val_every_n_steps=1",
             f"data.root={smoke_data}",
             f"runs_root={tmp_path}",
         ],
@@ -234,6 +235,9 @@ def test_cli_with_offline_wandb(smoke_data, tmp_path):
     run_dir = next(tmp_path.rglob("metrics.json")).parent
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))
+    record = next(offline[0].glob("*.wandb")).read_bytes()
+    # the learning curve is in the W&B run: the periodic evaluation's keys
+    assert b"val/iou" in record and b"val/iou_tubule" in record and b"val/seconds" in record
 
 
 @pytest.mark.slow
