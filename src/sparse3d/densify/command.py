@@ -193,7 +193,7 @@ def _blockwise_volume(
     try:
         plan, halo = volume_plan(
             shape, channels, meta.labels.num_classes, meta.voxel_size_zyx_um, options.method,
-            options.rf, options.refine, workers, options.budget_bytes,
+            options.rf, options.refine, workers, options.budget_bytes, options.block,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(f"{name}: {err}") from None

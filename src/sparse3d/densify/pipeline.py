@@ -61,6 +61,7 @@ def volume_plan(
     refine: RefineOptions,
     workers: int,
     budget_bytes: int,
+    block: Sequence[int] | None = None,
 ) -> tuple[Plan, tuple[int, int, int]]:
     """The block plan of one volume and the halo its blocks are read with."""
     f_base = len(feature_names(channels, tuple(rf.sigmas)))
@@ -72,7 +73,9 @@ def volume_plan(
         halo = tuple(max(h, r) for h in halo)  # type: ignore[assignment]
     forest = forest_bytes(rf.n_trees, classes, rf.samples_per_class)
     rows = 4 * f * classes * rf.samples_per_class * (1 + refine.folds)
-    plan = plan_blocks(shape, channels, f, classes, halo, workers, budget_bytes, forest, rows)
+    plan = plan_blocks(
+        shape, channels, f, classes, halo, workers, budget_bytes, forest, rows, block=block
+    )
     return plan, halo  # type: ignore[return-value]
 
 

@@ -79,10 +79,13 @@ def plan_blocks(
     forest: int,
     main_extra: int = 0,
     largest: int = 256,
+    block: Sequence[int] | None = None,
 ) -> Plan:
     """The largest block (sides multiples of 16, at most ``largest``) for which ``workers``
     workers, each holding a forest of ``forest`` bytes and one block, plus the main process
     (with ``main_extra`` bytes of its own data) stay within ``budget_bytes``.
+
+    ``block``: the user's own block size instead (checked against the budget alike).
 
     Raises ValueError (one line, saying what budget would do) when none fits.
     """
@@ -99,7 +102,16 @@ def plan_blocks(
             f"this volume needs at least {math.ceil(need / 1e8) / 10:.1f}GB; raise "
             f"memory_budget or use fewer workers (cluster.n_workers=1)"
         )
-    block = block_for_budget(shape, halo, per_voxel, per_worker, multiple=16, largest=largest)
+    if block is None:
+        block = block_for_budget(shape, halo, per_voxel, per_worker, multiple=16, largest=largest)
+    else:
+        block = tuple(min(int(b), int(n)) for b, n in zip(block, shape, strict=True))
+        need = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
+        if need * per_voxel > per_worker:
+            raise ValueError(
+                f"block={list(block)} needs {need * per_voxel / 1e9:.1f}GB per worker, more than "
+                f"memory_budget leaves each ({per_worker / 1e9:.1f}GB): use smaller blocks"
+            )
     n_blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
     grown_vox = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
     used = min(workers, n_blocks)

@@ -40,6 +40,7 @@ class Options:
     cluster: ClusterOptions
     budget_bytes: int
     output_format: str
+    block: tuple[int, int, int] | None = None
 
 
 def read_options(cfg: DictConfig) -> Options:
@@ -54,11 +55,17 @@ def read_options(cfg: DictConfig) -> Options:
     fmt = str(cfg.get("output_format", "h5"))
     if fmt not in ("h5", "ome-zarr"):
         raise UserError(f"output_format must be h5 or ome-zarr, got {fmt!r}")
+    block = cfg.get("block")
+    if block is not None:
+        block = list(block)
+        if len(block) != 3 or any(not isinstance(b, int) or b < 16 for b in block):
+            raise UserError(f"block must be null or three sizes >= 16 [z, y, x], got {block}")
+        block = tuple(block)
     if budget is None:
         budget = int(min(DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_FRACTION * available_memory()))
     assert isinstance(rf, RfOptions) and isinstance(refine, RefineOptions)
     assert isinstance(cluster, ClusterOptions)
-    return Options(str(cfg.method), rf, refine, cluster, budget, fmt)
+    return Options(str(cfg.method), rf, refine, cluster, budget, fmt, block)
 
 
 def workers_of(cluster: ClusterOptions) -> int:

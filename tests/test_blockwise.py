@@ -1,0 +1,198 @@
+"""densify block by block (sparse3d.densify.blocks, .blockwise, .plan, .pipeline): the same
+numbers as one whole-volume pass, memory set by the budget, the same result on one worker and on
+a two-worker LocalCluster, OME-Zarr output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+import zarr
+from hydra import compose, initialize_config_dir
+
+from sparse3d.cli import CONF_DIR, UserError
+from sparse3d.data.normalize import channel_percentiles
+from sparse3d.data.volume import VolumeMeta, write_volume
+from sparse3d.densify.blocks import BlockGrid, block_for_budget
+from sparse3d.densify.blockwise import FeatureSpec, LazyInput, stacked_forests_blockwise
+from sparse3d.densify.command import densify
+from sparse3d.densify.engine import Engine
+from sparse3d.densify.features import feature_halo, voxel_features
+from sparse3d.densify.forests import RandomForestSegmenter, stacked_probabilities
+from sparse3d.densify.plan import plan_blocks
+from sparse3d.labels import LabelSpec
+
+SHAPE = (30, 44, 52)
+SLICES = {"z": [8, 21], "y": [22], "x": [13, 38]}
+SIGMAS = (0.7, 1.6, 3.0)
+VOXEL = (2.0, 1.0, 1.0)
+K, IGN = 3, 3
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two channels, three classes (an ellipsoid, a slab, the rest): image (2, Z, Y, X) float32,
+    dense truth and its sparse annotation on SLICES (Z, Y, X) uint8."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices(SHAPE)
+    truth = (((z - 15) / 10) ** 2 + ((y - 22) / 15) ** 2 + ((x - 26) / 18) ** 2 < 1).astype(
+        np.uint8
+    )
+    truth[x > 42] = 2
+    image = np.stack(
+        [truth + rng.normal(0, 0.6, SHAPE), (truth == 2) + rng.normal(0, 0.8, SHAPE)]
+    ).astype(np.float32)
+    label = np.full(SHAPE, IGN, np.uint8)
+    label[SLICES["z"]] = truth[SLICES["z"]]
+    label[:, SLICES["y"]] = truth[:, SLICES["y"]]
+    label[:, :, SLICES["x"]] = truth[:, :, SLICES["x"]]
+    return image, truth, label
+
+
+def _forest(n_trees: int) -> RandomForestSegmenter:
+    # one job: scikit-learn's threads add the trees' votes in any order (last-bit differences)
+    return RandomForestSegmenter(K, IGN, n_trees=n_trees, samples_per_class=400, seed=0, n_jobs=1)
+
+
+def _blockwise(image, label, stages, folds, block, cache, tmp_path, workers=2):
+    vol = LazyInput(da.from_array(image, chunks=(2, 16, 16, 16)), da.from_array(label), K, IGN,
+                    SLICES)  # fmt: skip
+    spec = FeatureSpec(SIGMAS, VOXEL, channel_percentiles(image), (1.0, 2.5), 1, cache=cache)
+    grid = BlockGrid(SHAPE, block)
+    stores = stacked_forests_blockwise(
+        vol, grid, spec, _forest(12), _forest(6) if folds else None, stages, folds, tmp_path,
+        Engine(workers=workers, progress=False),
+    )  # fmt: skip
+    return zarr.open_array(stores.full.path)[:], zarr.open_array(stores.crossfit.path)[:]
+
+
+@pytest.mark.parametrize("cache", [None, "kept"])
+def test_random_forest_blockwise_equals_one_pass(tmp_path, cache):
+    image, _, label = _scene()
+    feats = voxel_features(image, VOXEL, SIGMAS)
+    expected = _forest(12).fit(feats, label).predict_proba(feats)
+    full, crossfit = _blockwise(image, label, 1, 0, (16, 32, 32), cache, tmp_path)
+    np.testing.assert_array_equal(full, expected)  # bit for bit, seams included
+    np.testing.assert_array_equal(crossfit, expected)
+
+
+def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path):
+    """refine.max_steps=0: two auto-context stages, three plane folds."""
+    image, _, label = _scene()
+    feats = voxel_features(image, VOXEL, SIGMAS)
+    full, crossfit = stacked_probabilities(
+        feats, label, SLICES, _forest(12), _forest(6), stages=2, context_sigmas=(1.0, 2.5),
+        n_folds=3,
+    )  # fmt: skip
+    b_full, b_cross = _blockwise(image, label, 2, 3, (16, 32, 32), None, tmp_path)
+    np.testing.assert_array_equal(b_full, full)
+    np.testing.assert_array_equal(b_cross, crossfit)
+    assert not np.array_equal(crossfit, full)  # the folds did change the planes
+
+
+def test_a_halo_too_small_leaves_seams(tmp_path, monkeypatch):
+    """The equality above depends on the halo: without one the block borders differ."""
+    image, _, label = _scene()
+    feats = voxel_features(image, VOXEL, SIGMAS)
+    expected = _forest(12).fit(feats, label).predict_proba(feats)
+    monkeypatch.setattr(FeatureSpec, "halo", property(lambda self: (0, 0, 0)))
+    full, _ = _blockwise(image, label, 1, 0, (16, 32, 32), None, tmp_path)
+    assert np.abs(full - expected).max() > 0.05
+
+
+def test_feature_halo_covers_derivative_and_structure_tensor_radius():
+    # sigma 5 in the finest voxels: 4 sigma for the derivatives, 4 sigma / 2 for the tensor
+    assert feature_halo((5.0,), None) == (30, 30, 30)
+    # an axis twice as coarse needs half the voxels
+    assert feature_halo((5.0,), (2.0, 1.0, 1.0)) == (15, 30, 30)
+
+
+def test_block_for_budget_grows_with_the_budget_and_refuses_too_little():
+    small = block_for_budget((500, 500, 500), (10, 10, 10), 400.0, 200e6)
+    big = block_for_budget((500, 500, 500), (10, 10, 10), 400.0, 2e9)
+    assert all(s % 16 == 0 for s in small) and np.prod(big) > np.prod(small)
+    assert (np.asarray(small) + 20).prod() * 400 <= 200e6
+    with pytest.raises(ValueError, match="GiB per worker"):
+        block_for_budget((500, 500, 500), (30, 30, 30), 400.0, 1e6)
+
+
+def test_plan_says_what_it_needs_and_what_to_change():
+    plan = plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 8 * 10**9, 300 * 2**20)
+    assert plan.peak_bytes <= plan.budget_bytes and plan.n_blocks > 1
+    assert "GB peak" in plan.line() and "2 workers" in plan.line()
+    with pytest.raises(ValueError, match="memory_budget=1.0GB is too small.*raise memory_budget"):
+        plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 10**9, 300 * 2**20)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line, block by block
+
+
+@pytest.fixture()
+def volume(tmp_path) -> Path:
+    image, truth, label = _scene()
+    meta = VolumeMeta(VOXEL, ("a", "b"), LabelSpec(("ball", "slab", "rest"), IGN), SLICES)
+    return write_volume(tmp_path / "vol.h5", image, label, meta, dense_label=truth)
+
+
+def _cfg(out: Path, src: Path, *extra: str):
+    args = [
+        "method=rf", f"inputs=[{src}]", f"out={out}", "logger=none", "rf.n_trees=12",
+        "rf.n_jobs=1", "rf.samples_per_class=400", "rf.sigmas=[0.7,1.6,3.0]", *extra,
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="densify", overrides=args)
+
+
+def _labels(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["labels"][...]
+
+
+@pytest.mark.slow
+def test_same_segmentation_on_one_worker_and_a_two_worker_local_cluster(volume, tmp_path):
+    """One block on one worker, eight on a LocalCluster of two processes: the same
+    segmentation, equal to the whole-volume forest's."""
+    one = densify(_cfg(tmp_path / "one", volume, "cluster.n_workers=1"))
+    two = densify(_cfg(tmp_path / "two", volume, "cluster.n_workers=2", "block=[16,32,32]"))
+    assert "1 block" in one["volumes"]["vol"]["plan"]
+    assert "2 workers" in two["volumes"]["vol"]["plan"] and "1 block " not in two["volumes"][
+        "vol"]["plan"]  # fmt: skip
+    a, b = _labels(tmp_path / "one" / "vol_seg.h5"), _labels(tmp_path / "two" / "vol_seg.h5")
+    np.testing.assert_array_equal(a, b)
+    image, truth, label = _scene()
+    feats = voxel_features(image, VOXEL, SIGMAS)
+    expected = _forest(12).fit(feats, label).predict_proba(feats).argmax(0)
+    np.testing.assert_array_equal(a, expected)
+    assert one["volumes"]["vol"]["unannotated"]["mean"] == pytest.approx(
+        two["volumes"]["vol"]["unannotated"]["mean"]
+    )
+    assert one["volumes"]["vol"]["unannotated"]["mean"] > 0.8
+
+
+def test_memory_guard_stops_before_any_work(volume, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="memory_budget=0.5GB is too small"):
+        densify(_cfg(out, volume, "memory_budget=500MB"))
+    assert not (out / "vol_seg.h5").exists() and not (out / "densify.json").exists()
+
+
+def test_ome_zarr_output_has_napari_label_metadata_and_a_pyramid(volume, tmp_path):
+    out = tmp_path / "out"
+    summary = densify(_cfg(out, volume, "output_format=ome-zarr", "cluster.n_workers=1"))
+    seg = out / "vol_seg.ome.zarr"
+    assert Path(summary["volumes"]["vol"]["segmentation"]) == seg
+    attrs = json.loads((seg / ".zattrs").read_text())
+    assert attrs["multiscales"][0]["axes"][0]["name"] == "z"
+    assert "image-label" in attrs
+    level0 = zarr.open_array(str(seg / "0"), mode="r")[:]
+    # napari's codes: 0 unlabelled, class c is c + 1; every voxel gets a class
+    assert level0.min() >= 1 and level0.max() <= K
+    image, truth, label = _scene()
+    assert ((level0 - 1) == truth).mean() > 0.9
+    # a second run refuses to overwrite it
+    with pytest.raises(UserError, match="exists"):
+        densify(_cfg(out, volume, "output_format=ome-zarr"))
