@@ -188,6 +188,7 @@ def test_ome_zarr_output_has_napari_label_metadata_and_a_pyramid(volume, tmp_pat
     attrs = json.loads((seg / ".zattrs").read_text())
     assert attrs["multiscales"][0]["axes"][0]["name"] == "z"
     assert "image-label" in attrs
+    assert summary["volumes"]["vol"]["suggestion"]["axis"] in ("z", "y", "x")
     level0 = zarr.open_array(str(seg / "0"), mode="r")[:]
     # napari's codes: 0 unlabelled, class c is c + 1; every voxel gets a class
     assert level0.min() >= 1 and level0.max() <= K
@@ -196,3 +197,17 @@ def test_ome_zarr_output_has_napari_label_metadata_and_a_pyramid(volume, tmp_pat
     # a second run refuses to overwrite it
     with pytest.raises(UserError, match="exists"):
         densify(_cfg(out, volume, "output_format=ome-zarr"))
+
+
+def test_suggestion_from_block_sums_equals_the_whole_volume_one():
+    from sparse3d.densify.suggest import plane_scores, plane_sums, scores_from_sums
+
+    u = np.random.default_rng(1).random(SHAPE)
+    grid = BlockGrid(SHAPE, (16, 32, 32))
+    parts = [plane_sums(u[b.core], SLICES, b.core, SHAPE) for b in grid]
+    sums = {ax: (sum(p[ax][0] for p in parts), sum(p[ax][1] for p in parts)) for ax in "zyx"}
+    blockwise = scores_from_sums(sums, SHAPE, SLICES)
+    whole = plane_scores(u, SLICES)
+    for ax in "zyx":
+        np.testing.assert_allclose(blockwise[ax], whole[ax])
+        assert np.isinf(whole[ax]).any() and np.isfinite(whole[ax]).any()

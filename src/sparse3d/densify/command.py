@@ -216,6 +216,7 @@ def _blockwise_volume(
         "picture": str(run.picture),
         "seconds": round(run.seconds, 2),
         "plan": plan.line(),
+        "suggestion": run.facts.pop("suggestion", None),
         "facts": run.facts,
     }
     entry.update(run.scores)
@@ -234,6 +235,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"{iou_line(e['unannotated'])}"
             )
             print(f"{name}: IoU on all voxels: {iou_line(e['all_voxels'])}")
+        if e.get("suggestion"):
+            print(f"{name}: annotate next: {e['suggestion']['line']}")
 
 
 register_configs()

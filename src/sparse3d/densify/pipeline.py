@@ -92,13 +92,18 @@ def _confusions(pred: np.ndarray, label: np.ndarray, truth: np.ndarray | None, k
     )
 
 
-def _final_block(probs_core, label_core, truth_core, core, k, ign, sink):
-    """Arg-max of one block's ``probs_core (K, ...)`` into the labels store; its confusion
-    matrices against the truth (None without one)."""
-    pred = np.asarray(probs_core).argmax(0).astype(np.uint8)
+def _final_block(probs_core, label_core, truth_core, core, k, ign, sink, slices, shape):
+    """Arg-max of one block's ``probs_core (K, ...)`` into the labels store; returns its
+    confusion matrices against the truth (None without one) and the per-plane sums of its
+    uncertainty for the next-plane suggestion (:func:`sparse3d.densify.suggest.plane_sums`)."""
+    from sparse3d.densify.suggest import plane_sums
+
+    p = np.asarray(probs_core)
+    pred = p.argmax(0).astype(np.uint8)
     sink(core, pred, lead=False)
     truth = None if truth_core is None else np.asarray(truth_core)
-    return _confusions(pred, np.asarray(label_core), truth, k, ign)
+    sums = plane_sums(1.0 - p.max(0), slices, core, shape)
+    return _confusions(pred, np.asarray(label_core), truth, k, ign), sums
 
 
 def densify_file(
@@ -183,11 +188,15 @@ def densify_file(
                 k,
                 ign,
                 labels_sink,
-            )  # fmt: skip
+                vol.slices,
+                shape,
+            )
             for b in grid
         ]
-        found = [c for c in engine.run(tasks, "labels") if c is not None]
+        results = engine.run(tasks, "labels")
+        found = [c for c, _ in results if c is not None]
         scores = _scores(found, spec_l, shape) if found else {}
+        facts["suggestion"] = _suggestion([s for _, s in results], shape, vol.slices)
         _write_output(
             seg, png, labels_path, final if save_probabilities else None, lazy, output_format,
             method, grid,
@@ -196,6 +205,18 @@ def densify_file(
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return VolumeRun(seg, png, plan, time.perf_counter() - t0, facts, scores)
+
+
+def _suggestion(sums, shape, slices) -> dict[str, Any]:
+    """The plane to annotate next, from the blocks' per-plane uncertainty sums."""
+    from sparse3d.densify.suggest import best_plane, scores_from_sums
+
+    total = {
+        ax: (sum(s[ax][0] for s in sums), sum(s[ax][1] for s in sums)) for ax in ("z", "y", "x")
+    }
+    best = best_plane(scores_from_sums(total, shape, slices), shape, slices)
+    return {"axis": best.axis, "index": best.index, "score": round(best.score, 2),
+            "strategy": best.strategy, "line": best.describe()}  # fmt: skip
 
 
 def _scores(found, spec, shape) -> dict[str, Any]:

@@ -32,7 +32,10 @@ from sparse3d.axes import AXES
 __all__ = [
     "STRATEGIES",
     "PlaneSuggestion",
+    "best_plane",
     "plane_scores",
+    "plane_sums",
+    "scores_from_sums",
     "random_plane",
     "spaced_plane",
     "suggest_plane",
@@ -114,30 +117,79 @@ def plane_scores(
         raise ValueError(f"uncertainty must be (Z, Y, X), got shape {u.shape}")
     if not np.isfinite(u).all() or (u < 0).any():
         raise ValueError("uncertainty must be finite and >= 0")
+    full = tuple(slice(0, n) for n in u.shape)
+    return scores_from_sums(plane_sums(u, annotated, full, u.shape), u.shape, annotated,
+                            halo=halo, min_gap=min_gap)  # fmt: skip
+
+
+def plane_sums(
+    uncertainty: np.ndarray,
+    annotated: Mapping[str, Sequence[int]],
+    box: Sequence[slice],
+    shape_zyx: Sequence[int],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per plane of each axis, the ``(sum of uncertainty, count)`` of the voxels no painted
+    plane covers, for the block ``uncertainty`` at ``box`` of a volume of ``shape_zyx``, as
+    ``(Z,)``, ``(Y,)``, ``(X,)`` arrays of the whole volume (zero outside the block): blocks'
+    sums add up to the whole volume's."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    planes = _planes(annotated, shape_zyx)
+    painted = np.zeros(u.shape, dtype=bool)
+    for dim, ax in enumerate(AXES):
+        local = [i - box[dim].start for i in planes[ax] if box[dim].start <= i < box[dim].stop]
+        index: list = [slice(None)] * 3
+        index[dim] = local
+        painted[tuple(index)] = True
+    free_u = np.where(painted, 0.0, u)
+    out = {}
+    for dim, ax in enumerate(AXES):
+        other = tuple(d for d in range(3) if d != dim)
+        total = np.zeros(int(shape_zyx[dim]))
+        count = np.zeros(int(shape_zyx[dim]))
+        total[box[dim]] = free_u.sum(axis=other)
+        count[box[dim]] = (~painted).sum(axis=other)
+        out[ax] = (total, count)
+    return out
+
+
+def scores_from_sums(
+    sums: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    shape_zyx: Sequence[int],
+    annotated: Mapping[str, Sequence[int]],
+    *,
+    halo: int = 1,
+    min_gap: int | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`plane_scores` from the per-plane sums of :func:`plane_sums`."""
     if halo < 0:
         raise ValueError(f"halo must be >= 0, got {halo}")
-    planes = _planes(annotated, u.shape)
-    painted = np.zeros(u.shape, dtype=bool)
-    painted[planes["z"], :, :] = True
-    painted[:, planes["y"], :] = True
-    painted[:, :, planes["x"]] = True
-    free_u = np.where(painted, 0.0, u)
+    planes = _planes(annotated, shape_zyx)
+    size = float(np.prod(shape_zyx))
     scores = {}
     for dim, ax in enumerate(AXES):
-        n = u.shape[dim]
-        other = tuple(d for d in range(3) if d != dim)
-        total = free_u.sum(axis=other)  # (n,) uncertainty off the painted planes
-        count = (~painted).sum(axis=other).astype(np.float64)
+        n = int(shape_zyx[dim])
+        total, count = sums[ax]
         kernel = (halo + 1.0 - np.abs(np.arange(-halo, halo + 1))) / (halo + 1.0)  # triangle
         slab_total = np.convolve(total, kernel, mode="same")
         slab_count = np.convolve(count, kernel, mode="same")
         mean = np.divide(slab_total, slab_count, out=np.zeros(n), where=slab_count > 0)
-        area = u.size / n
-        score = mean * area
+        score = mean * (size / n)
         gap = default_min_gap(n) if min_gap is None else int(min_gap)
         score[_distance_to(planes[ax], n) < max(gap, 1)] = -np.inf
         scores[ax] = score
     return scores
+
+
+def best_plane(scores: Mapping[str, np.ndarray], shape_zyx, annotated) -> PlaneSuggestion:
+    """The highest-scoring plane of ``scores`` (even spacing when every plane is left out)."""
+    best_ax, best_i, best = "", -1, -np.inf
+    for ax in AXES:
+        i = int(np.argmax(scores[ax]))
+        if scores[ax][i] > best:
+            best_ax, best_i, best = ax, i, float(scores[ax][i])
+    if best_i < 0:
+        return spaced_plane(tuple(shape_zyx), annotated)
+    return PlaneSuggestion(best_ax, best_i, best, "uncertainty")
 
 
 def spaced_plane(
@@ -194,14 +246,7 @@ def suggest_plane(
     if strategy == "spacing":
         return spaced_plane(shape, annotated)
     scores = plane_scores(uncertainty, annotated, halo=halo, min_gap=min_gap)
-    best_ax, best_i, best = "", -1, -np.inf
-    for ax in AXES:
-        i = int(np.argmax(scores[ax]))
-        if scores[ax][i] > best:
-            best_ax, best_i, best = ax, i, float(scores[ax][i])
-    if best_i < 0:
-        return spaced_plane(shape, annotated)
-    return PlaneSuggestion(best_ax, best_i, best, "uncertainty")
+    return best_plane(scores, shape, annotated)
 
 
 def random_plane(
