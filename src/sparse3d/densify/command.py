@@ -38,12 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from sparse3d.atomic import write_json_atomic
 from sparse3d.cli import UserError, run_hydra
 from sparse3d.densify.inputs import check_targets, configure_inputs
-from sparse3d.densify.methods import Segment, refine, refine_probabilities
+from sparse3d.densify.methods import Segment, random_forest, refine, refine_probabilities
 from sparse3d.densify.results import iou_line, score
 from sparse3d.densify.setup import (
     Options,
@@ -122,12 +123,40 @@ def _train_unet(
 IN_MEMORY_ONLY = ("deform", "pseudo_class_fraction", "rounds")
 
 
-def _in_memory(options: Options) -> bool:
-    """Whether ``options`` ask for refine options the blockwise engine does not run."""
+def _in_memory(options: Options, cfg: DictConfig) -> bool:
+    """Whether to hold each whole volume in memory: asked for (``in_memory=true``), or needed by
+    refine options the blockwise engine does not run."""
     r = options.refine
-    return options.method == "refine" and (
+    needed = options.method == "refine" and (
         r.deform or r.pseudo_class_fraction is not None or r.rounds != 1
     )
+    if needed:
+        log.info("refine.%s: the whole volume is held in memory", "/".join(IN_MEMORY_ONLY))
+    return needed or bool(cfg.get("in_memory", False))
+
+
+#: bytes per voxel of the in-memory path: per channel (image, 50 float32 features and the
+#: filters' temporaries) and per class (probabilities, cross-fitted copies, context features)
+IN_MEMORY_BYTES_PER_CHANNEL = 400
+IN_MEMORY_BYTES_PER_CLASS = 40
+
+
+def _check_in_memory(paths: dict[str, Path], options: Options) -> None:
+    """The memory guard of the in-memory path: a volume that would not fit the budget stops
+    here, before any work, with what to change."""
+    from sparse3d.data.volume import open_volume
+
+    for name, src in paths.items():
+        with open_volume(src, scan_values=False) as vol:
+            c, voxels = int(vol.image.shape[0]), int(np.prod(vol.label.shape))
+            k = vol.meta.labels.num_classes
+        need = voxels * (IN_MEMORY_BYTES_PER_CHANNEL * c + IN_MEMORY_BYTES_PER_CLASS * k)
+        if need > options.budget_bytes:
+            raise UserError(
+                f"{name}: in memory it needs about {need / 1e9:.1f}GB, more than "
+                f"memory_budget={options.budget_bytes / 1e9:.1f}GB: drop in_memory=true (and "
+                "refine.deform / rounds / pseudo_class_fraction) to work block by block"
+            )
 
 
 def _say_preset(cfg: DictConfig, method: str) -> None:
@@ -148,12 +177,15 @@ def densify(cfg: DictConfig) -> dict[str, Any]:
     suffix = "_seg.ome.zarr" if options.output_format == "ome-zarr" else "_seg.h5"
     out, paths, targets = _prepare(cfg, suffix)
     summary: dict[str, Any] = {"method": method, "volumes": {}}
-    if method == "unet" or _in_memory(options):
+    if method == "unet" or _in_memory(options, cfg):
         if method == "unet":
             segment, shared_seconds = _train_unet(cfg, out, summary)
-        else:
-            log.info("refine.%s: the whole volume is held in memory", "/".join(IN_MEMORY_ONLY))
+        elif method == "refine":
+            _check_in_memory(paths, options)
             segment, shared_seconds = refine(cfg, summary)
+        else:
+            _check_in_memory(paths, options)
+            segment, shared_seconds = random_forest(cfg, summary)
         if segment is None:
             return summary
         for name, src in paths.items():
