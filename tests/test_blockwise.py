@@ -211,3 +211,23 @@ def test_suggestion_from_block_sums_equals_the_whole_volume_one():
     for ax in "zyx":
         np.testing.assert_allclose(blockwise[ax], whole[ax])
         assert np.isinf(whole[ax]).any() and np.isfinite(whole[ax]).any()
+
+
+@pytest.mark.slow
+def test_refine_blockwise_matches_the_in_memory_path(volume, tmp_path):
+    """Same forests, same training tiles (centres in the same order, read from the stores), a
+    network predicted block by block with its receptive field as halo: the segmentation of the
+    whole-volume path, up to the rounding of convolutions of other sizes."""
+    common = [
+        "method=refine", "refine.max_steps=4", "refine.fold_trees=4", "refine.input_tile=[16,32,32]",
+        "refine.batch_size=1",
+    ]  # fmt: skip
+    blockwise = densify(_cfg(tmp_path / "b", volume, *common, "block=[16,32,32]",
+                             "cluster.kind=threads"))  # fmt: skip
+    memory = densify(_cfg(tmp_path / "m", volume, *common, "in_memory=true"))
+    a, b = _labels(tmp_path / "b" / "vol_seg.h5"), _labels(tmp_path / "m" / "vol_seg.h5")
+    assert (a != b).mean() < 1e-3
+    iou_b = blockwise["volumes"]["vol"]["unannotated"]["mean"]
+    iou_m = memory["volumes"]["vol"]["unannotated"]["mean"]
+    assert abs(iou_b - iou_m) < 0.005
+    assert blockwise["steps"]["vol"]["steps"] == memory["steps"]["vol"]["steps"] == 4

@@ -91,8 +91,9 @@ class StoreTiles(PlaneTiles):
         def zyx(flat: np.ndarray) -> np.ndarray:
             return np.stack(np.unravel_index(np.asarray(flat, np.int64), self.shape_zyx), axis=1)
 
-        self.centres = zyx(np.concatenate(list(centres)))
-        self.pseudo_centres = zyx(np.concatenate(list(pseudo_centres)))
+        # in flat-index order, as np.argwhere lists them in memory: the same draws
+        self.centres = zyx(np.sort(np.concatenate(list(centres))))
+        self.pseudo_centres = zyx(np.sort(np.concatenate(list(pseudo_centres))))
         if len(self.centres) == 0:
             raise ValueError("no annotated voxel to train on")
         self.by_class = self.pseudo_by_class = []
