@@ -157,7 +157,15 @@ def test_same_segmentation_on_one_worker_and_a_two_worker_local_cluster(volume, 
     """One block on one worker, eight on a LocalCluster of two processes: the same
     segmentation, equal to the whole-volume forest's."""
     one = densify(_cfg(tmp_path / "one", volume, "cluster.n_workers=1"))
-    two = densify(_cfg(tmp_path / "two", volume, "cluster.n_workers=2", "block=[16,32,32]"))
+    two = densify(
+        _cfg(
+            tmp_path / "two",
+            volume,
+            "cluster.n_workers=2",
+            "block=[16,32,32]",
+            "cluster.processes=true",
+        )
+    )
     assert "1 block" in one["volumes"]["vol"]["plan"]
     assert "2 workers" in two["volumes"]["vol"]["plan"] and "1 block " not in two["volumes"][
         "vol"]["plan"]  # fmt: skip

@@ -226,12 +226,15 @@ def _blockwise_volume(
         plan, halo = volume_plan(
             shape, channels, meta.labels.num_classes, meta.voxel_size_zyx_um, options.method,
             options.rf, options.refine, workers, options.budget_bytes, options.block,
+            keep_features=options.cluster.address is None
+            and options.cluster.kind != "slurm"
+            and options.cluster.processes is not True,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(f"{name}: {err}") from None
     print(f"{name}: {plan.line()}", file=sys.stderr)
     engine, close = open_engine(
-        options.cluster, workers, options.budget_bytes, plan.n_blocks, sys.stderr.isatty()
+        options.cluster, workers, options.budget_bytes, plan, sys.stderr.isatty()
     )
     try:
         run = densify_file(

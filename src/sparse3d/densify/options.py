@@ -164,6 +164,9 @@ class ClusterOptions:
     n_workers: int | None = None
     #: tcp://host:8786 of a running dask scheduler to attach to
     address: str | None = None
+    #: kind=local: null chooses (threads of this process keeping each block's features where the
+    #: whole volume's fit half the budget, else worker processes); true: always worker processes
+    processes: bool | None = None
     #: keyword arguments of dask_jobqueue.SLURMCluster (cluster=slurm)
     slurm: dict[str, Any] = field(default_factory=dict)
 

@@ -11,6 +11,7 @@ down-sampled view and its scores from blockwise confusion matrices.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -62,8 +63,12 @@ def volume_plan(
     workers: int,
     budget_bytes: int,
     block: Sequence[int] | None = None,
+    keep_features: bool = False,
 ) -> tuple[Plan, tuple[int, int, int]]:
-    """The block plan of one volume and the halo its blocks are read with."""
+    """The block plan of one volume and the halo its blocks are read with. ``keep_features``:
+    prefer threads of this process keeping each block's features between passes, where the
+    whole volume's features fit half the budget (the blocks then cost one feature computation
+    per stage, as in memory)."""
     f_base = len(feature_names(channels, tuple(rf.sigmas)))
     halo = feature_halo(tuple(rf.sigmas), voxel_size_zyx_um)
     f = f_base
@@ -73,6 +78,16 @@ def volume_plan(
         halo = tuple(max(h, r) for h in halo)  # type: ignore[assignment]
     forest = forest_bytes(rf.n_trees, classes, rf.samples_per_class)
     rows = 4 * f * classes * rf.samples_per_class * (1 + refine.folds)
+    kept = 4 * f * math.prod(shape)
+    if keep_features and kept <= budget_bytes / 2:
+        try:  # threads of this process, each block's features computed once per stage
+            plan = plan_blocks(
+                shape, channels, f, classes, halo, workers, budget_bytes, forest, rows + kept,
+                block=block, in_process=True,
+            )  # fmt: skip
+            return plan, halo  # type: ignore[return-value]
+        except ValueError:
+            pass
     plan = plan_blocks(
         shape, channels, f, classes, halo, workers, budget_bytes, forest, rows, block=block
     )
@@ -145,8 +160,7 @@ def densify_file(
         ctx = tuple(refine.context_sigmas) if method == "refine" else ()
         # blocks run in this process and the whole volume's features fit half the budget:
         # each block's features are computed once per stage and kept between its passes
-        n_feat = len(feature_names(lazy.image.shape[0], tuple(rf.sigmas))) + k * (1 + len(ctx))
-        keep = engine.client is None and 4 * n_feat * np.prod(shape) <= plan.budget_bytes / 2
+        keep = plan.keep_features and engine.client is None
         spec = FeatureSpec(
             tuple(float(s) for s in rf.sigmas),
             voxel,

@@ -56,11 +56,16 @@ class Plan:
     workers: int
     peak_bytes: int
     budget_bytes: int
+    #: the blocks run as threads of the main process, which keeps every block's features
+    #: between the passes of a stage (the whole volume's features fit half the budget)
+    keep_features: bool = False
 
     def line(self) -> str:
         """``~3.1 GB peak, 48 blocks of 128x128x128, 2 workers (budget 8.0 GB)``."""
         b = "x".join(str(n) for n in self.block)
         w = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
+        if self.keep_features:
+            w = f"{self.workers} thread{'s' if self.workers != 1 else ''}, features kept"
         return (
             f"~{self.peak_bytes / 1e9:.1f} GB peak, {self.n_blocks} block"
             f"{'s' if self.n_blocks != 1 else ''} of {b}, {w} "
@@ -80,17 +85,21 @@ def plan_blocks(
     main_extra: int = 0,
     largest: int = 256,
     block: Sequence[int] | None = None,
+    in_process: bool = False,
 ) -> Plan:
     """The largest block (sides multiples of 16, at most ``largest``) for which ``workers``
     workers, each holding a forest of ``forest`` bytes and one block, plus the main process
     (with ``main_extra`` bytes of its own data) stay within ``budget_bytes``.
 
     ``block``: the user's own block size instead (checked against the budget alike).
+    ``in_process``: the workers are threads of the main process (one interpreter, one forest);
+    ``main_extra`` then includes the kept features.
 
     Raises ValueError (one line, saying what budget would do) when none fits.
     """
     grown, core = block_bytes_per_voxel(channels, features, classes)
-    fixed = workers * (WORKER_BYTES + forest) + MAIN_BYTES + main_extra
+    per_process = 0 if in_process else WORKER_BYTES + forest
+    fixed = workers * per_process + MAIN_BYTES + main_extra + (forest if in_process else 0)
     per_worker = (budget_bytes - fixed) / workers
     # a block's cost, folded into one bytes-per-grown-voxel figure (core <= grown)
     per_voxel = grown + core
@@ -115,5 +124,5 @@ def plan_blocks(
     n_blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
     grown_vox = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
     used = min(workers, n_blocks)
-    peak = fixed - (workers - used) * (WORKER_BYTES + forest) + used * grown_vox * per_voxel
-    return Plan(block, n_blocks, used, int(peak), int(budget_bytes))
+    peak = fixed - (workers - used) * per_process + used * grown_vox * per_voxel
+    return Plan(block, n_blocks, used, int(peak), int(budget_bytes), in_process)

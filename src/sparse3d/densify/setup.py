@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse3d.cli import UserError
 from sparse3d.densify.engine import Engine, available_memory, cpu_count, open_client
 from sparse3d.densify.options import ClusterOptions, RefineOptions, RfOptions, parse_bytes
-from sparse3d.densify.plan import DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_FRACTION
+from sparse3d.densify.plan import DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_FRACTION, Plan
 
 log = logging.getLogger("sparse3d.densify")
 
@@ -74,20 +74,22 @@ def workers_of(cluster: ClusterOptions) -> int:
 
 
 def open_engine(
-    cluster: ClusterOptions, workers: int, budget_bytes: int, n_blocks: int, progress: bool
+    cluster: ClusterOptions, workers: int, budget_bytes: int, plan: Plan, progress: bool
 ) -> tuple[Engine, Callable[[], None]]:
     """The engine of a run and the function that closes it.
 
     A single block runs in this process with every core (starting worker processes would only
-    cost time); otherwise ``cluster.address`` attaches to a running scheduler, ``kind=slurm``
-    starts dask-jobqueue's cluster, ``kind=local`` a LocalCluster of ``workers`` processes
-    sharing ``budget_bytes``, and ``kind=threads`` uses threads of this process.
+    cost time), and so do blocks whose features the plan keeps in memory (threads); otherwise
+    ``cluster.address`` attaches to a running scheduler, ``kind=slurm`` starts dask-jobqueue's
+    cluster, ``kind=local`` a LocalCluster of ``workers`` processes sharing ``budget_bytes``,
+    and ``kind=threads`` uses threads of this process.
     """
     from sparse3d.densify.plan import MAIN_BYTES
 
-    if cluster.address is None and cluster.kind != "slurm" and n_blocks == 1:
+    local = cluster.address is None and cluster.kind != "slurm"
+    if local and plan.n_blocks == 1:
         return Engine(None, 1, cpu_count(), progress), lambda: None
-    if cluster.address is None and cluster.kind == "threads":
+    if local and (plan.keep_features or cluster.kind == "threads"):
         return Engine(None, workers, max(1, cpu_count() // workers), progress), lambda: None
     kind = "address" if cluster.address else cluster.kind
     per_worker = max(256 * 2**20, (budget_bytes - MAIN_BYTES) // max(1, workers))
