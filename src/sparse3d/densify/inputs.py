@@ -39,8 +39,35 @@ def _inputs(cfg: DictConfig) -> dict[str, Path]:
         name = _input_name(p)
         if name in paths:
             raise UserError(f"inputs {paths[name]} and {p} have the same name {name!r}: rename one")
+        if p.suffix.lower() in H5_SUFFIXES:
+            _check_volume(p)
         paths[name] = p
     return paths
+
+
+def _check_volume(path: Path) -> None:
+    """A sparse3d HDF5 volume (image, label and their attributes), or UserError."""
+    import h5py
+
+    from sparse3d.data.volume import open_volume
+    from sparse3d.data.volume_meta import VolumeFormatError
+
+    try:
+        with h5py.File(path, "r") as f:
+            has_image = isinstance(f.get("image"), h5py.Dataset)
+    except OSError as err:
+        raise UserError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0]})") from None
+    if not has_image:
+        raise UserError(
+            f"{path}: no 'image' dataset; densify reads sparse3d HDF5 volumes (image (C, Z, Y, X), "
+            "label (Z, Y, X) and their attributes): pass other images as TIFF, NIfTI, NRRD or "
+            "Zarr with their label files in labels=[...]"
+        )
+    try:
+        with open_volume(path, scan_values=False):
+            pass
+    except VolumeFormatError as err:
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str], Any]:
@@ -56,7 +83,11 @@ def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str
     if cfg.get("label_map") is not None:
         if names is None:
             raise UserError("label_map= needs class_names=[...] (the names of classes 0..K-1)")
-        return names, str(cfg.label_map) if isinstance(cfg.label_map, str) else dict(cfg.label_map)
+        label_map = cfg.label_map
+        mapping = str(label_map) if isinstance(label_map, str) else dict(label_map)
+        _require_labelled(label_files, names, mapping)
+        return names, mapping
+    given = names is not None
     if names is None:
         top = 0
         for f in label_files:
@@ -72,7 +103,33 @@ def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str
         names = [f"class{c}" for c in range(1, top + 1)]
     mapping: dict[int | str, int | str] = {0: "ignore"}
     mapping.update({c: c - 1 for c in range(1, len(names) + 1)})
+    if given:  # without class_names, the classes come from the codes found above
+        _require_labelled(label_files, names, mapping)
     return names, mapping
+
+
+def _require_labelled(label_files: list[Path], names: list[str], mapping: Any) -> None:
+    """Each label file gives at least one voxel one of the classes ``names`` under ``mapping``
+    (the label map of the import), before anything is imported; UserError otherwise."""
+    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map, read_zyx
+    from sparse3d.labels import LabelSpec
+
+    try:
+        spec = LabelSpec(class_names=tuple(names), ignore_index=len(names))
+        table = parse_label_map(mapping, spec)
+    except ValueError as err:
+        raise UserError(f"class_names / label_map: {str(err).splitlines()[0]}") from None
+    for f in label_files:
+        try:
+            codes, _ = read_zyx(f)
+            classes = apply_label_map(codes, table, f)
+        except ConvertError as err:
+            raise UserError(str(err).splitlines()[0]) from None
+        if not np.any(classes < len(names)):
+            raise UserError(
+                f"{f}: no labelled voxel: no label code maps to one of the classes "
+                f"{', '.join(names)} (code 0 means unlabelled; label_map= maps other codes)"
+            )
 
 
 def _label_files(cfg: DictConfig, images: dict[str, Path]) -> tuple[list[Path], list[Path]]:
