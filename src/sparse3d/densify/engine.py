@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,14 @@ class Engine:
         task's error, or ``InterruptedError`` when ``should_stop`` asked to stop."""
         if not tasks:
             return []
+        t0 = time.perf_counter()
         if self.client is not None:
-            return self._run_client(tasks, desc)
-        return self._run_threads(tasks, desc)
+            out = self._run_client(tasks, desc)
+        else:
+            out = self._run_threads(tasks, desc)
+        log.info("%s: %d block%s in %.1f s", desc, len(tasks), "s" * (len(tasks) > 1),
+                 time.perf_counter() - t0)  # fmt: skip
+        return out
 
     def _tick(self, bar: tqdm, desc: str, done: int, total: int) -> None:
         bar.update(1)
