@@ -192,7 +192,7 @@ def parse_bytes(text: str | int | float | None) -> int | None:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
         if not m or m.group(2) not in _UNITS:
             raise ValueError(f"memory_budget must look like 2GB, 1.5GiB or 500MB, got {text!r}")
         value = float(m.group(1)) * _UNITS[m.group(2)]
