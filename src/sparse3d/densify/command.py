@@ -278,7 +278,7 @@ register_configs()
 
 
 def main() -> None:
-    run_hydra("densify", lambda cfg: _print_summary(densify(cfg)))
+    run_hydra("densify", lambda cfg: _print_summary(densify(cfg)), check=read_options)
 
 
 if __name__ == "__main__":
