@@ -415,3 +415,39 @@ def test_reads_and_writes_on_worker_processes(tmp_path, rng, cluster_client):
     np.testing.assert_array_equal(levels[1].data.compute(**SYNC), (stack % 3)[::2, ::2, ::2])
     workers = cluster_client.run(lambda: __import__("os").getpid())
     assert len(set(workers.values())) == 2
+
+
+def test_lazy_import_equals_the_importer(tmp_path):
+    """densify's block-by-block import writes what the in-memory importer writes: image, mapped
+    labels and the annotated slices (fully labelled planes and a scribble's cover)."""
+    import tifffile
+
+    from sparse3d.data.convert import convert
+    from sparse3d.data.convert_lazy import convert_lazy
+    from sparse3d.data.volume import load_volume
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 1000, (2, 30, 70, 90)).astype(np.uint16)
+    lab = np.zeros((30, 70, 90), np.uint8)
+    lab[5] = rng.integers(1, 4, (70, 90))
+    lab[:, 33] = 2
+    lab[:, :, 60] = 1
+    lab[12:14, 10:20, 5:9] = 3  # a scribble off the planes
+    tifffile.imwrite(tmp_path / "img.tif", img, metadata={"axes": "CZYX"})
+    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    kw = dict(label_map="0:ignore,1:0,2:1,3:2", class_names=["a", "b", "c"], ignore_index=3,
+              channel_axis=0, voxel_size_zyx_um=(2.0, 1.0, 1.0))  # fmt: skip
+    a = load_volume(convert(tmp_path / "img.tif", tmp_path / "lab.tif", tmp_path / "a.h5", **kw))
+    b = load_volume(
+        convert_lazy(
+            tmp_path / "img.tif",
+            tmp_path / "lab.tif",
+            tmp_path / "b.h5",
+            block_zyx=(8, 32, 32),
+            **kw,
+        )  # fmt: skip
+    )
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    assert a.meta == b.meta
+    assert b.meta.annotated_slices == {"z": (5, 12, 13), "y": (33,), "x": (60,)}

@@ -77,8 +77,6 @@ def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str
     class ``c - 1``; without ``class_names`` the classes are ``class1..classK`` with K the
     largest code in the label files.
     """
-    from sparse3d.data.convert import ConvertError, read_zyx
-
     names = None if cfg.get("class_names") is None else [str(n) for n in cfg.class_names]
     if cfg.get("label_map") is not None:
         if names is None:
@@ -91,10 +89,7 @@ def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str
     if names is None:
         top = 0
         for f in label_files:
-            try:
-                codes, _ = read_zyx(f)
-            except ConvertError as err:
-                raise UserError(str(err)) from None
+            codes = _label_codes(f)
             if codes.dtype.kind not in "ui" and not np.all(codes == np.round(codes)):
                 raise UserError(f"{f}: label codes must be whole numbers, got dtype {codes.dtype}")
             top = max(top, int(codes.max()))
@@ -108,10 +103,24 @@ def _classes_and_map(cfg: DictConfig, label_files: list[Path]) -> tuple[list[str
     return names, mapping
 
 
+def _label_codes(path: Path) -> np.ndarray:
+    """The distinct codes of a label file, read lazily block by block (UserError if
+    unreadable)."""
+    import dask.array as da
+
+    from sparse3d.data.convert import ConvertError
+    from sparse3d.data.lazy import open_labels
+
+    try:
+        return np.asarray(da.unique(open_labels(path)).compute())
+    except ConvertError as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+
 def _require_labelled(label_files: list[Path], names: list[str], mapping: Any) -> None:
     """Each label file gives at least one voxel one of the classes ``names`` under ``mapping``
     (the label map of the import), before anything is imported; UserError otherwise."""
-    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map, read_zyx
+    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map
     from sparse3d.labels import LabelSpec
 
     try:
@@ -121,8 +130,7 @@ def _require_labelled(label_files: list[Path], names: list[str], mapping: Any) -
         raise UserError(f"class_names / label_map: {str(err).splitlines()[0]}") from None
     for f in label_files:
         try:
-            codes, _ = read_zyx(f)
-            classes = apply_label_map(codes, table, f)
+            classes = apply_label_map(_label_codes(f), table, f)
         except ConvertError as err:
             raise UserError(str(err).splitlines()[0]) from None
         if not np.any(classes < len(names)):
@@ -155,7 +163,8 @@ def _label_files(cfg: DictConfig, images: dict[str, Path]) -> tuple[list[Path], 
 
 def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str, Path]:
     """Import the non-HDF5 ``images`` (each with its file in ``cfg.labels``) into ``folder``."""
-    from sparse3d.data.convert import ConvertError, convert
+    from sparse3d.data.convert import ConvertError
+    from sparse3d.data.convert_lazy import convert_lazy
 
     labels, dense = _label_files(cfg, images)
     targets = {name: folder / f"{name}.h5" for name in images}
@@ -165,10 +174,11 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
     names, mapping = _classes_and_map(cfg, labels)
     voxel = cfg.get("voxel_size_zyx_um")
     folder.mkdir(parents=True, exist_ok=True)
-    for (name, image), label in zip(images.items(), labels, strict=True):
+    truths = dense or [None] * len(labels)
+    for (name, image), label, truth in zip(images.items(), labels, truths, strict=True):
         target = targets[name]
         try:
-            convert(
+            convert_lazy(  # block by block: neither file is held whole in memory
                 image,
                 label,
                 target,
@@ -177,32 +187,13 @@ def _import(cfg: DictConfig, images: dict[str, Path], folder: Path) -> dict[str,
                 ignore_index=len(names),
                 voxel_size_zyx_um=None if voxel is None else [float(v) for v in voxel],
                 channel_axis=None if cfg.get("channel_axis") is None else int(cfg.channel_axis),
+                dense_label_path=truth,
                 overwrite=True,
             )
         except ConvertError as err:
             raise UserError(str(err)) from None
         log.info("imported %s + %s into %s", image, label, target)
-    if dense:
-        for target, truth in zip(targets.values(), dense, strict=True):
-            _add_dense_label(target, truth, mapping)
     return targets
-
-
-def _add_dense_label(volume: Path, truth: Path, mapping: Any) -> None:
-    """Store ``truth`` (label codes mapped like the annotation) as the volume's dense label."""
-    from sparse3d.data.convert import ConvertError, apply_label_map, parse_label_map, read_zyx
-    from sparse3d.data.volume import load_volume, write_volume
-
-    vol = load_volume(volume)
-    try:
-        codes, _ = read_zyx(truth)
-        dense = apply_label_map(codes, parse_label_map(mapping, vol.meta.labels), truth)
-    except ConvertError as err:
-        raise UserError(str(err)) from None
-    if dense.shape != vol.label.shape:
-        raise UserError(f"{truth}: shape (z,y,x) {dense.shape} != label shape {vol.label.shape}")
-    write_volume(volume, vol.image, vol.label, vol.meta, dense_label=dense, overwrite=True)
-    log.info("added the dense ground truth %s to %s", truth, volume)
 
 
 def configure_inputs(cfg: DictConfig, out: Path) -> None:
