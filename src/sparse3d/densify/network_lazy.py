@@ -217,8 +217,15 @@ def refine_network_blockwise(
         time_budget_s=opts.time_budget_s,
         class_weights=refine_class_weights(label_counts, k, opts.class_weights),
     )  # fmt: skip
+    from sparse3d.callbacks import ProgressLog
+    from sparse3d.cli import quiet_lightning
+
+    quiet_lightning()
     t0 = time.perf_counter()
-    fit = fit_refiner(module, tiles, opts.batch_size, progress_bar=engine.progress)
+    callbacks = [] if engine.progress else [ProgressLog()]  # step, loss, ETA lines when piped
+    fit = fit_refiner(
+        module, tiles, opts.batch_size, progress_bar=engine.progress, callbacks=callbacks
+    )
     facts.update(steps=int(fit["steps"]), network_seconds=round(time.perf_counter() - t0, 1))
     net.eval()
     net_d = dask.delayed(net.cpu(), pure=True)
