@@ -6,10 +6,10 @@ network's volumes, training slices and held-out voxels; confusions are pooled as
 ``sparse3d.evaluation`` pools them. Two learners (``--method``):
 
 * ``rf``: an ilastik-style random forest (``sparse3d.densify.forests``, ``rf:`` block of
-  ``conf/densify.yaml``), one per job, fitted on the training voxels of all training volumes,
+  ``sparse3d/densify/options.py``), one per job, fitted on the training voxels of all training volumes,
   predicting each test volume (Tables 1-3);
 * ``refine``: densify's default, ``method=refine`` with the ``refine:`` and ``rf:`` blocks of
-  ``conf/densify.yaml`` (step-bound: ``time_budget_s`` is ignored), run on each test volume
+  ``sparse3d/densify/options.py`` (step-bound: ``time_budget_s`` is ignored), run on each test volume
   with that volume's own training slices, as a user densifies one volume (the semi-automated
   Tables 1 and 2 only: Table 3's test volumes have no annotated slice).
 
@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         ["python", "experiments/rf_tables.py", *(sys.argv[1:] if argv is None else argv)]
     )
     started, machine = datetime.now(), _machine()
-    densify_cfg = OmegaConf.load(ROOT / "conf" / "densify.yaml")
-    rf_cfg = densify_cfg.rf
-    refine_cfg = OmegaConf.merge(densify_cfg.refine, {"time_budget_s": None})  # step-bound
+    from sparse3d.densify.api import method_options
+
+    rf_cfg, refine_cfg = method_options(("refine.time_budget_s=null",))  # step-bound
     features = feature_cache(rf_cfg.sigmas)
     name = "RF" if args.method == "rf" else "refine"
     paper = paper_results()
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"> - `{command}`, {started:%Y-%m-%d %H:%M}; {machine}. {wall / 60:.1f} min in all "
         f"({name} s: per job).",
-        f"> - {learner} Settings of `conf/densify.yaml`: {blocks}.",
+        f"> - {learner} Settings of `sparse3d/densify/options.py`: {blocks}.",
         "> - Held-out: test slices less their crossings with training slices (the paper's); incl. "
         "crossings: all of the test slices; all voxels: the dense truth. 3D with BN ours "
         "(`preset=cpu`) is quoted: Tables 1, 3 from `experiments/results/refactor_check.md` "

@@ -9,10 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from sparse3d.bench import command as bench
-from sparse3d.cli import CONF_DIR
 from sparse3d.data import realcases
 from sparse3d.data.annotation import slice_mask
 
@@ -36,11 +34,8 @@ def tiny_case(monkeypatch):
 
 
 def _cheap_method() -> str:
-    """The random forest with 5 trees where densify has it, else the smoke U-Net."""
-    cfg = OmegaConf.load(CONF_DIR / "densify.yaml")
-    if "method" in cfg and "rf" in cfg:
-        return "cheap:method=rf rf.n_trees=5 rf.n_jobs=1"
-    return "cheap:preset=smoke trainer.max_steps=2"
+    """densify's random forest with 5 trees."""
+    return "cheap:method=rf rf.n_trees=5 rf.n_jobs=1"
 
 
 def _record(case, k, label, mean, status="ok", overrides="", **extra):

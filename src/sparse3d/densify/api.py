@@ -1,5 +1,5 @@
 """densify on arrays in memory, for callers that are not the command line: a viewer's widget, a
-notebook (layer 3: it reads densify's option defaults from ``conf/densify.yaml``).
+notebook (layer 3: densify's options, as typed in :mod:`sparse3d.densify.options`).
 
     result = densify_painting(image, painting, method="rf")
     result.labels          # (Z, Y, X) in the painting's codes (0 never: every voxel a class)
