@@ -135,10 +135,10 @@ def report(args) -> None:
 
     paper = json.loads(PAPER.read_text())["semi_cv"]["rows"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    curves = {}
+    found = {}
     for label, model, extra in curves(args):
         c = read_curve(run_dir(args.runs_root, model, extra))
-        curves[label] = c
+        found[label] = c
         if not c["steps"]:
             continue
         style = ":" if (label, model, extra) == REFERENCE else "--" if extra else "-"
@@ -158,7 +158,7 @@ def report(args) -> None:
     head = "| curve |" + "".join(f" step {s} |" for s in checkpoints)
     head += " best (step) | final | final per class | train s | eval s (share) |"
     lines = [head, "|---" * (len(checkpoints) + 6) + "|"]
-    for label, c in curves.items():
+    for label, c in found.items():
         if not c["steps"]:
             lines.append(f"| {label} |" + " – |" * (len(checkpoints) + 5))
             continue
