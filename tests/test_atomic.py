@@ -109,3 +109,20 @@ def test_every_writer_of_the_package_uses_it():
         if rename.search(f.read_text())
     ]
     assert sorted(set(found) - pending) == ["atomic.py"]
+
+
+def test_commit_dir_replaces_a_folder_only_when_asked(tmp_path):
+    from sparse3d.atomic import commit_dir, temp_name
+
+    out = tmp_path / "seg.zarr"
+    for content, overwrite in (("first", False), ("second", True)):
+        tmp = temp_name(out)
+        tmp.mkdir()
+        (tmp / "0").write_text(content)
+        assert commit_dir(tmp, out, overwrite) == out
+    assert (out / "0").read_text() == "second" and _names(tmp_path) == ["seg.zarr"]
+    tmp = temp_name(out)
+    tmp.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        commit_dir(tmp, out, overwrite=False)
+    assert _names(tmp_path) == ["seg.zarr"] and (out / "0").read_text() == "second"

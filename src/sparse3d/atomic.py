@@ -121,3 +121,26 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, overwrite: bool = 
     atomically (creating its folder); returns the path."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
     return write_text_atomic(path, text, overwrite)
+
+
+def commit_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Rename the finished folder ``tmp`` (a chunked store written under :func:`temp_name`)
+    onto ``path``; an existing ``path`` is refused (``tmp`` removed) unless ``overwrite``, then
+    moved aside, replaced and removed."""
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _exists_error(path)
+        old = temp_name(path)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    return path

@@ -41,7 +41,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from sparse3d.atomic import temp_name
+from sparse3d.atomic import commit_dir, temp_name
 from sparse3d.data.lazy import ArraySource
 
 __all__ = [
@@ -226,21 +226,8 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _commit_dir(tmp: Path, path: Path, overwrite: bool) -> Path:
-    """Rename the finished store ``tmp`` onto ``path`` (an old one moved aside, then removed)."""
-    old = None
-    if path.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{path}: output exists; pass overwrite=True to replace it")
-        old = temp_name(path)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    return path
+    """Rename the finished store ``tmp`` onto ``path`` (:func:`sparse3d.atomic.commit_dir`)."""
+    return commit_dir(tmp, path, overwrite)
 
 
 # --------------------------------------------------------------------------------------------
