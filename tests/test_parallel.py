@@ -223,7 +223,7 @@ def test_densify_predicts_and_writes_on_rank_zero_only(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import sparse3d.densify as dz
+    import sparse3d.densify.command as dz
     from sparse3d.cli import CONF_DIR
     from sparse3d.data.volume import VolumeMeta, write_volume
     from sparse3d.labels import LabelSpec
@@ -378,7 +378,9 @@ def test_evaluation_after_fit_runs_on_the_training_device(monkeypatch, tmp_path)
     )
     monkeypatch.setattr("sparse3d.experiment.train_voxel_fraction", lambda job: 0.5)
     logged = []
-    logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append(step))
+    logger = types.SimpleNamespace(
+        log_metrics=lambda m, step: logged.append(step), save=lambda: None
+    )
     trainer = types.SimpleNamespace(
         strategy=types.SimpleNamespace(root_device=torch.device("meta")),  # "the GPU"
         loggers=[logger],
