@@ -191,6 +191,15 @@ def _fold_block(
     return n
 
 
+def _context_read(context, region, spec: FeatureSpec, shape) -> tuple[Any, Any]:
+    """``(the context probabilities over region grown by their halo, that box)`` as dask
+    slices, or ``(None, None)`` in a stage without context."""
+    if context is None:
+        return None, None
+    box = grow(region, spec.context_halo, shape)
+    return context[(slice(None), *box)], box
+
+
 def _shape_of(box: Sequence[slice], ext: np.ndarray) -> tuple[int, ...]:
     """The volume's extent as far as clipping ``box`` needs: a box grown inside ``box`` never
     leaves it, so ``box``'s stops stand for the volume's edge."""
@@ -265,10 +274,7 @@ def feature_rows(
         else:  # only the box around this block's training voxels
             region = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts.T)
         img_box = grow(region, spec.halo, shape)
-        ctx = ctx_box = None
-        if context is not None:
-            ctx_box = grow(region, spec.context_halo, shape)
-            ctx = context[(slice(None), *ctx_box)]
+        ctx, ctx_box = _context_read(context, region, spec, shape)
         tasks.append(
             dask.delayed(_rows)(
                 vol.image[(slice(None), *img_box)], img_box, ctx, ctx_box, region, pts, spec
@@ -299,10 +305,7 @@ def predict_pass(
     forest_d = dask.delayed(_for_workers(forest, spec.threads), pure=True)
     tasks = []
     for b in grid.with_halo(spec.halo):
-        ctx = ctx_box = None
-        if context is not None:
-            ctx_box = grow(b.core, spec.context_halo, shape)
-            ctx = context[(slice(None), *ctx_box)]
+        ctx, ctx_box = _context_read(context, b.core, spec, shape)
         tasks.append(
             dask.delayed(_predict)(
                 vol.image[(slice(None), *b.ext)],
@@ -353,10 +356,7 @@ def fold_pass(
                 for a in range(3)
             )
         img_box = grow(region, spec.halo, shape)
-        ctx = ctx_box = None
-        if context is not None:
-            ctx_box = grow(region, spec.context_halo, shape)
-            ctx = context[(slice(None), *ctx_box)]
+        ctx, ctx_box = _context_read(context, region, spec, shape)
         tasks.append(
             dask.delayed(_fold_block)(
                 vol.image[(slice(None), *img_box)],
