@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sparse3d.cli import UserError, quiet_lightning
+from sparse3d.cli import quiet_lightning
 from sparse3d.densify.results import write_result
 
 if TYPE_CHECKING:
@@ -153,32 +153,6 @@ def stacked_forests(
 
 #: Choices of ``refine.class_weights`` (see :func:`refine_class_weights`).
 CLASS_WEIGHTS = (None, "balanced", "sqrt")
-
-
-def check_refine_options(refine_cfg: DictConfig) -> None:
-    """The refine options that name a choice, checked before any work: one ``UserError`` line."""
-    from sparse3d.axes import AXES
-    from sparse3d.densify.network import CENTRE_SAMPLING
-
-    weights = refine_cfg.get("class_weights")
-    if weights not in CLASS_WEIGHTS:
-        raise UserError(f"refine.class_weights must be null, balanced or sqrt, got {weights!r}")
-    sampling = refine_cfg.get("centre_sampling", "voxel")
-    if sampling not in CENTRE_SAMPLING:
-        raise UserError(f"refine.centre_sampling must be voxel or class, got {sampling!r}")
-    flips = refine_cfg.get("flip_axes", list(AXES))
-    if isinstance(flips, str) or not set(flips) <= set(AXES):
-        raise UserError(f"refine.flip_axes must be a list of z, y, x (or []), got {flips}")
-    rounds = refine_cfg.get("rounds", 1)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise UserError(f"refine.rounds must be a whole number >= 1, got {rounds!r}")
-    fraction = refine_cfg.get("pseudo_class_fraction")
-    if fraction is not None and (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not 0 < fraction <= 1
-    ):
-        raise UserError(f"refine.pseudo_class_fraction must be null or in (0, 1], got {fraction!r}")
 
 
 def refine_deform(
@@ -410,7 +384,6 @@ def refine(cfg: DictConfig, summary: dict[str, Any]) -> tuple[Segment, float]:
     import sys
 
     quiet_lightning()
-    check_refine_options(cfg.refine)
     summary["refine"] = OmegaConf.to_container(cfg.refine, resolve=True)
     summary["rf"] = OmegaConf.to_container(cfg.rf, resolve=True)
     summary["steps"] = {}
