@@ -98,7 +98,13 @@ def _compute_features(image_ext, image_box, context_ext, context_box, region, sp
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box, strict=True)
     )
     feats = voxel_features(
-        image_ext, spec.voxel_size_zyx_um, spec.sigmas, spec.percentiles, spec.threads, crop
+        image_ext,
+        spec.voxel_size_zyx_um,
+        spec.sigmas,
+        spec.percentiles,
+        spec.threads,
+        crop,
+        progress=False,
     )
     if context_ext is None:
         return feats
@@ -157,7 +163,7 @@ class ZarrSink:
 def _predict(image_ext, image_box, context_ext, context_box, core, spec, forest, sinks) -> int:
     """Probabilities ``(K, *core)`` of the block's core, written to each sink; returns voxels."""
     feats = block_features(image_ext, image_box, context_ext, context_box, core, spec)
-    probs = forest.predict_proba(feats, chunk_voxels=1 << 18)
+    probs = forest.predict_proba(feats, chunk_voxels=1 << 18, progress=False)
     for sink in sinks:
         sink(core, probs)
     return int(np.prod(probs.shape[1:]))
@@ -186,7 +192,7 @@ def _fold_block(
                 ctx_box = grow(box, spec.context_halo, _shape_of(context_box, context_ext))
                 ctx = context_ext[(slice(None), *_within(ctx_box, context_box))]
             feats = block_features(img, img_box, ctx, ctx_box, box, spec)
-        sink(box, forest.predict_proba(feats, chunk_voxels=1 << 18))
+        sink(box, forest.predict_proba(feats, chunk_voxels=1 << 18, progress=False))
         n += int(np.prod(feats.shape[1:]))
     return n
 

@@ -205,6 +205,7 @@ def voxel_features(
     percentiles: np.ndarray | None = None,
     threads: int | None = None,
     crop: Sequence[slice] | None = None,
+    progress: bool = True,
 ) -> np.ndarray:
     """Filter-bank features of every voxel: image ``(C, Z, Y, X)`` -> ``(F, Z, Y, X)`` float32.
 
@@ -226,6 +227,7 @@ def voxel_features(
         threads: filter passes run in parallel (None: every core this process may use).
         crop: ``(z, y, x)`` slices: filter the whole ``image`` (a block with its halo) but keep
             only these voxels (the block's core); eigenvalues are computed for them alone.
+        progress: a progress bar for big images (blocks of a blockwise pass have the pass's).
 
     Returns:
         ``(F, Z, Y, X)`` float32 (or ``(F, *crop)``), finite for finite input.
@@ -247,7 +249,7 @@ def voxel_features(
         desc="voxel features",
         unit="scale",
         leave=False,
-        disable=math.prod(shape) * c < PROGRESS_MIN_VOXELS,
+        disable=not progress or math.prod(shape) * c < PROGRESS_MIN_VOXELS,
     )
     k = 0
     with bar, ThreadPoolExecutor(threads or _workers()) as pool:

@@ -136,7 +136,9 @@ class RandomForestSegmenter:
         self.classes_ = np.asarray(self.forest.classes_, dtype=np.int64)
         return self
 
-    def predict_proba(self, features: np.ndarray, chunk_voxels: int = 1_000_000) -> np.ndarray:
+    def predict_proba(
+        self, features: np.ndarray, chunk_voxels: int = 1_000_000, progress: bool = True
+    ) -> np.ndarray:
         """Class probabilities ``(K, Z, Y, X)`` float32 of every voxel of ``features
         (F, Z, Y, X)``; classes absent from the training voxels get probability 0. Voxels are
         classified ``chunk_voxels`` at a time to bound memory."""
@@ -155,7 +157,11 @@ class RandomForestSegmenter:
         out = np.zeros((self.num_classes, n), dtype=np.float32)
         spans = list(_spans(n, max(1, int(chunk_voxels))))
         bar = tqdm(
-            spans, desc="random forest", unit="chunk", leave=False, disable=n < PROGRESS_MIN_VOXELS
+            spans,
+            desc="random forest",
+            unit="chunk",
+            leave=False,
+            disable=not progress or n < PROGRESS_MIN_VOXELS,
         )
         for s, e in bar:
             x = np.ascontiguousarray(flat[:, s:e].T)
