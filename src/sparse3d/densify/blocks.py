@@ -13,7 +13,7 @@ the bytes per voxel that the step holds at once (:func:`block_for_budget`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,32 +101,27 @@ class BlockGrid:
 
 def block_for_budget(
     shape: Sequence[int],
-    halo: Sequence[int],
-    bytes_per_voxel: float,
+    cost: Callable[[Sequence[int]], float],
     budget_bytes: float,
     multiple: int = 16,
     largest: int = 256,
 ) -> ZYX:
     """The largest cubic-ish block (sides multiples of ``multiple``, at most ``largest`` and the
-    volume's) whose grown region ``(side + 2 halo)^3 * bytes_per_voxel`` fits ``budget_bytes``.
+    volume's) whose working set ``cost(block)`` (bytes) fits ``budget_bytes``.
 
-    Raises ValueError when even the smallest block does not fit: the message says the budget
-    that would.
+    Raises ValueError when even the smallest block does not fit: the message says what it needs.
     """
     shape = [int(n) for n in shape]
 
-    def cost(side: int) -> float:
-        sides = [min(side, n) for n in shape]
-        grown = [min(s + 2 * h, n) for s, h, n in zip(sides, halo, shape, strict=True)]
-        return math.prod(grown) * bytes_per_voxel
+    def block(side: int) -> ZYX:
+        return tuple(min(side, n) for n in shape)  # type: ignore[return-value]
 
     side = multiple
-    if cost(side) > budget_bytes:
+    if cost(block(side)) > budget_bytes:
         raise ValueError(
-            f"a block of {side}^3 voxels with its halo {tuple(halo)} needs "
-            f"{cost(side) / 2**30:.2f} GiB per worker, more than the {budget_bytes / 2**30:.2f} "
-            "GiB each may use"
+            f"a block of {side}^3 voxels with its halo needs {cost(block(side)) / 2**30:.2f} GiB "
+            f"per worker, more than the {budget_bytes / 2**30:.2f} GiB each may use"
         )
-    while side + multiple <= largest and cost(side + multiple) <= budget_bytes:
+    while side + multiple <= largest and cost(block(side + multiple)) <= budget_bytes:
         side += multiple
-    return tuple(min(side, n) for n in shape)  # type: ignore[return-value]
+    return block(side)

@@ -41,9 +41,11 @@ def forest_bytes(n_trees: int, num_classes: int, samples_per_class: int) -> int:
 
 
 def block_bytes_per_voxel(channels: int, features: int, classes: int) -> tuple[float, float]:
-    """``(per grown voxel, per core voxel)`` bytes of one block's working set."""
+    """``(per grown voxel, per core voxel)`` bytes of one block's working set: the image and the
+    filters' temporaries over the grown block; the features and the class probabilities over
+    its core (the forest reads the features in chunks of a quarter million voxels)."""
     grown = 4.0 * (channels + FILTER_TEMPORARIES)
-    core = 4.0 * (2 * features + 4 * classes)
+    core = 4.0 * (features + 4 * classes)
     return grown, core
 
 
@@ -101,9 +103,13 @@ def plan_blocks(
     per_process = 0 if in_process else WORKER_BYTES + forest
     fixed = workers * per_process + MAIN_BYTES + main_extra + (forest if in_process else 0)
     per_worker = (budget_bytes - fixed) / workers
-    # a block's cost, folded into one bytes-per-grown-voxel figure (core <= grown)
-    per_voxel = grown + core
-    smallest = (16 + 2 * max(halo)) ** 3 * per_voxel
+
+    def cost(side: Sequence[int]) -> float:
+        sides = [min(int(s), int(n)) for s, n in zip(side, shape, strict=True)]
+        big = math.prod(min(s + 2 * h, n) for s, h, n in zip(sides, halo, shape, strict=True))
+        return big * grown + math.prod(sides) * core
+
+    smallest = cost((16, 16, 16))
     if per_worker < smallest:
         need = fixed + workers * smallest
         raise ValueError(
@@ -112,17 +118,15 @@ def plan_blocks(
             f"memory_budget or use fewer workers (cluster.n_workers=1)"
         )
     if block is None:
-        block = block_for_budget(shape, halo, per_voxel, per_worker, multiple=16, largest=largest)
+        block = block_for_budget(shape, cost, per_worker, multiple=16, largest=largest)
     else:
         block = tuple(min(int(b), int(n)) for b, n in zip(block, shape, strict=True))
-        need = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
-        if need * per_voxel > per_worker:
+        if cost(block) > per_worker:
             raise ValueError(
-                f"block={list(block)} needs {need * per_voxel / 1e9:.1f}GB per worker, more than "
+                f"block={list(block)} needs {cost(block) / 1e9:.1f}GB per worker, more than "
                 f"memory_budget leaves each ({per_worker / 1e9:.1f}GB): use smaller blocks"
             )
     n_blocks = math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
-    grown_vox = math.prod(min(b + 2 * h, n) for b, h, n in zip(block, halo, shape, strict=True))
     used = min(workers, n_blocks)
-    peak = fixed - (workers - used) * per_process + used * grown_vox * per_voxel
+    peak = fixed - (workers - used) * per_process + used * cost(block)
     return Plan(block, n_blocks, used, int(peak), int(budget_bytes), in_process)
