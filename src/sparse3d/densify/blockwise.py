@@ -268,16 +268,20 @@ def feature_rows(
     shape = vol.shape
     zyx = np.stack(np.unravel_index(flat, shape), axis=1)
     owner = grid.block_of(zyx)
-    order = np.argsort(owner, kind="stable")
+    group = owner
+    if spec.cache is None:  # one box per block and annotated plane: thin slabs, not the block
+        plane = _plane_of(zyx, vol.slices, shape)
+        group = owner * (sum(shape) + 1) + plane
+    order = np.argsort(group, kind="stable")
     tasks, spans = [], []
-    bounds = np.flatnonzero(np.diff(owner[order])) + 1
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
     for part in np.split(order, bounds):
         if part.size == 0:
             continue
         pts = zyx[part]
         if spec.cache is not None:  # the whole block, computed once for every pass
             region = grid.block_at(np.unravel_index(owner[part[0]], grid.counts)).core
-        else:  # only the box around this block's training voxels
+        else:  # only the box around this block's training voxels on one plane
             region = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts.T)
         img_box = grow(region, spec.halo, shape)
         ctx, ctx_box = _context_read(context, region, spec, shape)
@@ -291,6 +295,18 @@ def feature_rows(
     out = np.empty((flat.size, rows[0].shape[1]), np.float32)
     for part, r in zip(spans, rows, strict=True):
         out[part] = r
+    return out
+
+
+def _plane_of(zyx: np.ndarray, slices: Mapping[str, Sequence[int]], shape) -> np.ndarray:
+    """``(N,)`` a number for the first annotated plane through each voxel ``zyx (N, 3)``: z
+    planes ``0..Z-1``, then y, then x; ``Z + Y + X`` for voxels on none (scribbles)."""
+    out = np.full(len(zyx), sum(shape), np.int64)
+    offset = 0
+    for a, ax in reversed(list(enumerate(AXES))):  # z last, so it wins
+        offset = sum(shape[:a])
+        on = np.isin(zyx[:, a], np.asarray(list(slices.get(ax, ())), dtype=np.int64))
+        out[on] = offset + zyx[on, a]
     return out
 
 
