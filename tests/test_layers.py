@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "densify.blocks": 1,
     "densify.engine": 1,
     "densify.blockwise": 1,
+    "densify.stores": 1,
     "densify.network_lazy": 3,
     "predict": 3,
     "report": 3,

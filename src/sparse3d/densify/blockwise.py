@@ -32,6 +32,7 @@ from sparse3d.densify.blocks import Block, BlockGrid, grow
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, voxel_features
 from sparse3d.densify.forests import RandomForestSegmenter, context_features, plane_folds
+from sparse3d.densify.stores import Stores, ZarrSink, create_store
 
 
 @dataclass(frozen=True)
@@ -140,24 +141,6 @@ def _rows(image_ext, image_box, context_ext, context_box, region, points, spec) 
     feats = block_features(image_ext, image_box, context_ext, context_box, region, spec)
     local = tuple((points[:, a] - region[a].start) for a in range(3))
     return np.ascontiguousarray(feats[(slice(None), *local)].T)
-
-
-class ZarrSink:
-    """Writes regions of a chunked zarr array opened by path (picklable: a path, no handle)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-
-    def __call__(self, box: Sequence[slice], values: np.ndarray, lead: bool = True) -> None:
-        import zarr
-
-        arr = zarr.open_array(self.path, mode="r+")
-        arr[(slice(None), *box) if lead else tuple(box)] = values
-
-    def read(self, box: Sequence[slice]) -> np.ndarray:
-        import zarr
-
-        return zarr.open_array(self.path, mode="r")[(slice(None), *box)]
 
 
 def _predict(image_ext, image_box, context_ext, context_box, core, spec, forest, sinks) -> int:
@@ -415,28 +398,6 @@ def _held(flat: np.ndarray, shape, fold: Mapping[str, Sequence[int]]) -> np.ndar
         if fold.get(ax):
             held |= np.isin(zyx[a], np.asarray(fold[ax]))
     return held
-
-
-@dataclass
-class Stores:
-    """Scratch stores of one stage: ``full`` and ``crossfit`` probabilities ``(K, Z, Y, X)``."""
-
-    full: ZarrSink
-    crossfit: ZarrSink
-
-
-def create_store(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str) -> ZarrSink:
-    """A new chunked zarr array at ``path`` (replacing a previous scratch one)."""
-    import shutil
-
-    import zarr
-
-    if path.exists():
-        shutil.rmtree(path)
-    zarr.create_array(
-        store=str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0
-    )
-    return ZarrSink(path)
 
 
 def stacked_forests_blockwise(

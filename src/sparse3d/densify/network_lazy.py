@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from sparse3d.densify.blocks import BlockGrid, grow
-from sparse3d.densify.blockwise import FeatureSpec, LazyInput, Stores, ZarrSink, create_store
+from sparse3d.densify.blockwise import FeatureSpec, LazyInput
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.network import PlaneTiles, fit_tile, predict_same_padded
 from sparse3d.densify.options import RefineOptions
+from sparse3d.densify.stores import Stores, ZarrSink, create_store
 
 #: pseudo-labelled voxels kept as tile centres (a uniform sample when more qualify)
 MAX_PSEUDO_CENTRES = 2_000_000

@@ -23,18 +23,13 @@ from typing import Any
 import numpy as np
 
 from sparse3d.densify.blocks import BlockGrid
-from sparse3d.densify.blockwise import (
-    FeatureSpec,
-    LazyInput,
-    ZarrSink,
-    create_store,
-    stacked_forests_blockwise,
-)
+from sparse3d.densify.blockwise import FeatureSpec, LazyInput, stacked_forests_blockwise
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, feature_names
 from sparse3d.densify.forests import RandomForestSegmenter
 from sparse3d.densify.options import RefineOptions, RfOptions
 from sparse3d.densify.plan import Plan, forest_bytes, plan_blocks
+from sparse3d.densify.stores import ZarrSink, create_store
 
 log = logging.getLogger("sparse3d.densify")
 
