@@ -157,6 +157,10 @@ def open_client(
         client = Client(address, timeout="20s")
         return client, client.close
     if kind == "slurm":
+        import shutil
+
+        if shutil.which("sbatch") is None:
+            raise ValueError("cluster=slurm needs SLURM's sbatch on this machine (none found)")
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError:
