@@ -242,3 +242,28 @@ def test_refine_blockwise_matches_the_in_memory_path(volume, tmp_path):
     iou_m = memory["volumes"]["vol"]["unannotated"]["mean"]
     assert abs(iou_b - iou_m) < 0.005
     assert blockwise["steps"]["vol"]["steps"] == memory["steps"]["vol"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_cluster_address_attaches_to_a_running_scheduler(volume, tmp_path):
+    """One option moves the run to a scheduler already running (here one on this machine's
+    loopback); the blocks run on its workers, the segmentation is the one-pass forest's."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        summary = densify(
+            _cfg(
+                tmp_path / "remote",
+                volume,
+                f"cluster.address={cluster.scheduler_address}",
+                "block=[16,32,32]",
+            )  # fmt: skip
+        )
+    assert "2 workers" in summary["volumes"]["vol"]["plan"]
+    image, truth, label = _scene()
+    feats = voxel_features(image, VOXEL, SIGMAS)
+    expected = _forest(12).fit(feats, label).predict_proba(feats).argmax(0)
+    np.testing.assert_array_equal(_labels(tmp_path / "remote" / "vol_seg.h5"), expected)
