@@ -93,14 +93,40 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _radius(sigma: float) -> int:
+    """Voxels each side that SciPy's Gaussian filters of ``sigma`` read (truncated at 4 sigma)."""
+    return int(4.0 * float(sigma) + 0.5)
+
+
+def _grow_within(box: Sequence[slice], by: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` grown by ``by`` voxels each side along each axis, clipped to ``shape``."""
+    return tuple(
+        slice(max(0, b.start - r), min(n, b.stop + r)) for b, r, n in zip(box, by, shape, strict=True)
+    )
+
+
+def _shift(box: Sequence[slice], origin: Sequence[slice]) -> tuple[slice, ...]:
+    """``box`` in the coordinates of an array that starts at ``origin``'s starts."""
+    return tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, origin, strict=True))
+
+
 def _derivatives(
-    image: np.ndarray, sigma_zyx: np.ndarray, ratio_zyx: np.ndarray, pmap: Map = map
+    image: np.ndarray,
+    sigma_zyx: np.ndarray,
+    ratio_zyx: np.ndarray,
+    pmap: Map = map,
+    keep: Sequence[slice] | None = None,
 ) -> dict[tuple[int, int, int], np.ndarray]:
     """Gaussian derivatives of ``image (Z, Y, X)`` up to order 2, ``{(oz, oy, ox): array}``.
 
     Separable filtering shares the passes between derivatives (19 one-dimensional passes for
     the 10 responses instead of 30); each derivative is scaled to finest-voxel units. The
     passes of one axis are independent and run through ``pmap`` (SciPy releases the GIL).
+
+    ``keep`` (slices of ``image``): only these voxels are wanted, and ``image`` holds every
+    voxel they read. After the pass along an axis, the arrays are cut to ``keep`` along that
+    axis, so the later passes filter fewer voxels; each kept voxel is computed from the same
+    inputs in the same order as without the cut. The arrays returned cover ``keep``.
     """
     wanted = [
         (0, 0, 0),
@@ -117,11 +143,15 @@ def _derivatives(
     level: dict[tuple[int, ...], np.ndarray] = {(): image}
     for axis in range(3):
         keys = sorted({w[: axis + 1] for w in wanted})
+        cut = [slice(None)] * 3
+        if keep is not None:
+            cut[axis] = keep[axis]
 
-        def one(key: tuple[int, ...], axis: int = axis, level=level) -> np.ndarray:
-            return ndi.gaussian_filter1d(
+        def one(key: tuple[int, ...], axis: int = axis, level=level, cut=tuple(cut)) -> np.ndarray:
+            out = ndi.gaussian_filter1d(
                 level[key[:-1]], sigma_zyx[axis], axis=axis, order=key[-1], output=np.float32
             )
+            return out[cut]
 
         level = dict(zip(keys, pmap(one, keys), strict=True))
     out = {}
@@ -131,6 +161,18 @@ def _derivatives(
         if scale != 1.0:
             arr *= np.float32(scale)
         out[w] = arr
+    return out
+
+
+def _smooth(image: np.ndarray, sigma_zyx: np.ndarray, keep: Sequence[slice]) -> np.ndarray:
+    """SciPy's ``gaussian_filter(image, sigma_zyx, output=float32)[keep]``, cutting each axis to
+    ``keep`` after its pass (same numbers, fewer voxels filtered)."""
+    out = image
+    for axis in range(3):
+        out = ndi.gaussian_filter1d(out, sigma_zyx[axis], axis=axis, output=np.float32)
+        cut = [slice(None)] * 3
+        cut[axis] = keep[axis]
+        out = out[tuple(cut)]
     return out
 
 
@@ -276,10 +318,24 @@ def _features_at(
 ) -> tuple[int, int]:
     """Write one channel's features at one ``sigma`` into ``feats[k:]`` (the voxels ``box`` of
     ``channel``); returns the next index and the index of this sigma's Gaussian (for the next
-    difference of Gaussians)."""
+    difference of Gaussians).
+
+    Only the part of ``channel`` that this sigma's filters read for ``box`` is filtered (a
+    block's halo is sized for the largest sigma), and each separable pass cuts the axis it has
+    filtered to what the next steps read: the numbers are those of filtering all of
+    ``channel``, for a fraction of the work when ``box`` is a block's core.
+    """
+    shape = channel.shape
+    box = tuple(slice(*b.indices(n)[:2]) for b, n in zip(box, shape, strict=True))
     sigma_zyx = sigma / ratio
-    whole = _derivatives(channel, sigma_zyx, ratio, pmap)
-    d = {key: arr[box] for key, arr in whole.items()}
+    outer = STRUCTURE_OUTER_FRACTION * sigma_zyx
+    outer_r = [_radius(o) for o in outer]
+    # gradients are needed around the box for the structure tensor's smoothing
+    grad_box = _grow_within(box, outer_r, shape)
+    read_box = _grow_within(grad_box, [_radius(s) for s in sigma_zyx], shape)
+    whole = _derivatives(channel[read_box], sigma_zyx, ratio, pmap, _shift(grad_box, read_box))
+    inner = _shift(box, grad_box)
+    d = {key: arr[inner] for key, arr in whole.items()}
     gauss = k
     feats[k] = d[0, 0, 0]
     feats[k + 1] = d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2]  # Laplacian = trace of the Hessian
@@ -289,10 +345,9 @@ def _features_at(
     if previous >= 0:
         np.subtract(feats[gauss], feats[previous], out=feats[k])
         k += 1
-    outer = STRUCTURE_OUTER_FRACTION * sigma_zyx
 
     def smoothed_product(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return ndi.gaussian_filter(pair[0] * pair[1], outer, output=np.float32)[box]
+        return _smooth(pair[0] * pair[1], outer, inner)
 
     wz, wy, wx = whole[1, 0, 0], whole[0, 1, 0], whole[0, 0, 1]
     pairs = [(wz, wz), (wy, wy), (wx, wx), (wz, wy), (wz, wx), (wy, wx)]
