@@ -98,16 +98,21 @@ def _radius(sigma: float) -> int:
     return int(4.0 * float(sigma) + 0.5)
 
 
-def _grow_within(box: Sequence[slice], by: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+def _grow_within(
+    box: Sequence[slice], by: Sequence[int], shape: Sequence[int]
+) -> tuple[slice, ...]:
     """``box`` grown by ``by`` voxels each side along each axis, clipped to ``shape``."""
     return tuple(
-        slice(max(0, b.start - r), min(n, b.stop + r)) for b, r, n in zip(box, by, shape, strict=True)
+        slice(max(0, b.start - r), min(n, b.stop + r))
+        for b, r, n in zip(box, by, shape, strict=True)
     )
 
 
 def _shift(box: Sequence[slice], origin: Sequence[slice]) -> tuple[slice, ...]:
     """``box`` in the coordinates of an array that starts at ``origin``'s starts."""
-    return tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, origin, strict=True))
+    return tuple(
+        slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, origin, strict=True)
+    )
 
 
 def _derivatives(
