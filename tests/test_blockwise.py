@@ -122,6 +122,25 @@ def test_block_for_budget_grows_with_the_budget_and_refuses_too_little():
         block_for_budget((500, 500, 500), lambda b: cost(b, 30), 1e6)
 
 
+def test_blocks_cut_each_axis_evenly_and_keep_both_workers_busy():
+    """355 voxels at a 176 cube would leave a 3-voxel sliver that filters a whole halo; the
+    blocks must cut each axis into near-equal parts, fit the budget, and give two workers an
+    even number of blocks."""
+    halo = (30, 30, 30)
+
+    def cost(block):
+        return np.prod(np.minimum(np.asarray(block) + 60, (298, 355, 285))) * 100.0
+
+    budget = cost((176, 176, 176))
+    block = block_for_budget((298, 355, 285), cost, budget, halo=halo, workers=2)
+    assert cost(block) <= budget
+    counts = [-(-n // b) for n, b in zip((298, 355, 285), block, strict=True)]
+    for n, b, c in zip((298, 355, 285), block, counts, strict=True):
+        last = n - (c - 1) * b
+        assert last >= b / 2, (block, n)  # no sliver
+    assert np.prod(counts) % 2 == 0
+
+
 def test_plan_says_what_it_needs_and_what_to_change():
     plan = plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 8 * 10**9, 300 * 2**20)
     assert plan.peak_bytes <= plan.budget_bytes and plan.n_blocks > 1

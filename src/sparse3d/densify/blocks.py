@@ -105,9 +105,18 @@ def block_for_budget(
     budget_bytes: float,
     multiple: int = 16,
     largest: int = 256,
+    halo: Sequence[int] = (0, 0, 0),
+    workers: int = 1,
 ) -> ZYX:
-    """The largest cubic-ish block (sides multiples of ``multiple``, at most ``largest`` and the
-    volume's) whose working set ``cost(block)`` (bytes) fits ``budget_bytes``.
+    """The block (sides multiples of ``multiple``, at most ``largest`` and the volume's) whose
+    working set ``cost(block)`` (bytes) fits ``budget_bytes`` and that finishes the volume
+    soonest on ``workers`` workers.
+
+    The largest cube that fits sets the scale; then each axis is cut into that many blocks or a
+    few more, of equal sides (no sliver of a few voxels that costs a whole halo), and the
+    shape with the least work per worker wins: rounds of ``workers`` blocks times a block's
+    grown plus core voxels (filters run over the grown block, the forest over the core); a
+    single block counts as shared by all workers (it runs on every core of this process).
 
     Raises ValueError when even the smallest block does not fit: the message says what it needs.
     """
@@ -124,4 +133,32 @@ def block_for_budget(
         )
     while side + multiple <= largest and cost(block(side + multiple)) <= budget_bytes:
         side += multiple
-    return block(side)
+
+    def sides(n: int) -> set[int]:
+        """Equal cuts of an axis of ``n`` voxels near ``side``, rounded up to ``multiple``."""
+        first = max(1, math.ceil(n / largest))
+        out = set()
+        for count in range(first, max(first, math.ceil(n / side)) + 3):
+            b = min(n, multiple * math.ceil(math.ceil(n / count) / multiple))
+            out.add(min(b, max(multiple, largest)) if b < n else n)
+        return out
+
+    def work(b: Sequence[int]) -> tuple[float, int]:
+        count = math.prod(math.ceil(n / s) for n, s in zip(shape, b, strict=True))
+        grown = math.prod(min(s + 2 * h, n) for s, h, n in zip(b, halo, shape, strict=True))
+        # one block runs in this process on every core; more are shared out to the workers
+        rounds = math.ceil(count / max(1, workers)) if count > 1 else 1 / max(1, workers)
+        return rounds * (grown + math.prod(b)), count
+
+    best = block(side)
+    best_work = work(best)
+    for bz in sides(shape[0]):
+        for by in sides(shape[1]):
+            for bx in sides(shape[2]):
+                b = (bz, by, bx)
+                if cost(b) > budget_bytes:
+                    continue
+                w = work(b)
+                if w < best_work:
+                    best, best_work = b, w
+    return best  # type: ignore[return-value]

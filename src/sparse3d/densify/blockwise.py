@@ -307,7 +307,7 @@ def predict_pass(
     import dask
 
     shape = vol.shape
-    forest_d = dask.delayed(_for_workers(forest, spec.threads), pure=True)
+    forest_d = engine.share(_for_workers(forest, spec.threads))
     tasks = []
     for b in grid.with_halo(spec.halo):
         ctx, ctx_box = _context_read(context, b.core, spec, shape)
@@ -348,7 +348,7 @@ def fold_pass(
     import dask
 
     shape = vol.shape
-    forest_d = dask.delayed(_for_workers(forest, spec.threads), pure=True)
+    forest_d = engine.share(_for_workers(forest, spec.threads))
     tasks = []
     for b in grid:
         boxes = _plane_boxes(b, fold)

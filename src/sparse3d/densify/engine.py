@@ -46,6 +46,16 @@ class Engine:
     on_progress: Callable[[str, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
 
+    def share(self, obj: Any) -> Any:
+        """``obj`` (a fitted forest, a network) as an argument of many tasks of a pass: sent
+        to every worker once ahead of the pass on a cluster (not inside the task graph), one
+        ``dask.delayed`` value otherwise."""
+        if self.client is not None:
+            return self.client.scatter(obj, broadcast=True, hash=False)
+        import dask
+
+        return dask.delayed(obj, pure=True)
+
     def run(self, tasks: Sequence[Any], desc: str) -> list[Any]:
         """Compute ``tasks`` (``dask.delayed``), in order of the list; raises the first
         task's error, or ``InterruptedError`` when ``should_stop`` asked to stop."""

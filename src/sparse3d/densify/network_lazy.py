@@ -229,7 +229,7 @@ def refine_network_blockwise(
     )
     facts.update(steps=int(fit["steps"]), network_seconds=round(time.perf_counter() - t0, 1))
     net.eval()
-    net_d = dask.delayed(net.cpu(), pure=True)
+    net_d = engine.share(net.cpu())
     halo_net = -(-(net.receptive_field // 2 + 1) // multiple) * multiple
     out = create_store(scratch / "refined.zarr", (k, *shape), (k, *grid.block), "float32")
     cross = da.from_zarr(stores.crossfit.path)
