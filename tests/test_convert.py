@@ -74,10 +74,11 @@ def _zarr_group(path: Path, arrays: dict[str, np.ndarray], zarr_format: int | No
     kwargs = {} if zarr_format is None else {"zarr_format": zarr_format}
     group = zarr.open_group(str(path), mode="w", **kwargs)
     for name, arr in arrays.items():
+        chunks = (1,) * (arr.ndim - 3) + (2, 3, 3)
         if hasattr(group, "create_array"):
-            group.create_array(name, data=arr, chunks=(2, 3, 3))
+            group.create_array(name, data=arr, chunks=chunks)
         else:  # zarr v2 API
-            group.array(name, arr, chunks=(2, 3, 3))
+            group.array(name, arr, chunks=chunks)
     return group
 
 
@@ -166,6 +167,35 @@ def test_ome_zarr_multiscale(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.image[0], image)
     np.testing.assert_array_equal(vol.label, expected)
     assert vol.meta.voxel_size_zyx_um == VOXEL_ZYX
+
+
+def test_ome_zarr_units_read_alike_by_the_importer_and_the_lazy_reader(tmp_path: Path) -> None:
+    """Both readers take the finest level and its spacing from one helper: nanometres become
+    micrometres, a channel axis has no spacing, an unknown unit is one clear error."""
+    from sparse3d.data.formats import _read_zarr
+    from sparse3d.data.lazy_sources import _read_zarr as read_lazy
+
+    image, _, _ = _reference()
+    group = _zarr_group(tmp_path / "nm.zarr", {"0": image[None], "1": image[None, ::2]})
+    axes = [{"name": "c", "type": "channel"}]
+    axes += [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
+    scale = [1.0, *(1000.0 * v for v in VOXEL_ZYX)]
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": s}]}
+        for i, s in enumerate([scale, [1.0, *(2000.0 * v for v in VOXEL_ZYX)]])
+    ]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+    eager = _read_zarr(tmp_path / "nm.zarr")
+    lazy = read_lazy(tmp_path / "nm.zarr", None)
+    assert eager.data.shape == (1, *image.shape)
+    np.testing.assert_allclose(eager.spacing_um[1:], VOXEL_ZYX)
+    assert eager.spacing_um[0] is None and lazy.spacing == eager.spacing_um
+    assert lazy.channel_hint == 0 and lazy.source.key == "0"
+    axes[1]["unit"] = "parsec"
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+    for read in (_read_zarr, lambda p: read_lazy(p, None)):
+        with pytest.raises(ConvertError, match="unknown spatial unit 'parsec'"):
+            read(tmp_path / "nm.zarr")
 
 
 def test_multichannel_tiff_and_nifti(tmp_path: Path) -> None:

@@ -81,6 +81,46 @@ def _unit_scale(unit: str | None, path: Path, default_note: str) -> float:
     return _UNIT_TO_UM[key]
 
 
+@dataclass(frozen=True)
+class OmeLevel0:
+    """The finest level of an OME-Zarr multiscale group: its array's ``path`` in the group, the
+    ``types`` of its axes (``space``, ``channel``, ``time``; '' when unknown) and the spacing of
+    each axis in micrometres (None where not spatial or not recorded)."""
+
+    path: str
+    types: tuple[str, ...]
+    spacing_um: tuple[float | None, ...] | None
+
+
+def ome_level0(attrs: dict, ndim_of: Callable[[str], int], path: Path) -> OmeLevel0 | None:
+    """The finest level that the group attributes ``attrs`` describe (NGFF 0.4, or 0.5 with its
+    ``ome`` key), or None when they hold no ``multiscales``. ``ndim_of(level path)`` gives the
+    level's number of dimensions; axes and scale are used when they match it."""
+    ome = attrs.get("ome", attrs)
+    if "multiscales" not in ome:
+        return None
+    ms = ome["multiscales"][0]
+    level = ms["datasets"][0]
+    ndim = ndim_of(level["path"])
+    axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    if len(axes) != ndim:
+        return OmeLevel0(level["path"], ("",) * ndim, None)
+    types = tuple(str(a.get("type", "space" if a["name"] in "zyx" else "")) for a in axes)
+    scale = next(
+        (t["scale"] for t in level.get("coordinateTransformations", []) if t["type"] == "scale"),
+        None,
+    )
+    spacing = None
+    if scale is not None and len(scale) == ndim:
+        spacing = tuple(
+            float(v) * _unit_scale(a.get("unit"), path, "assuming micrometres")
+            if t == "space"
+            else None
+            for a, t, v in zip(axes, types, scale, strict=True)
+        )
+    return OmeLevel0(level["path"], types, spacing)
+
+
 def _read_tiff(path: Path) -> SourceArray:
     import tifffile
 
@@ -185,34 +225,21 @@ def _read_zarr(path: Path) -> SourceArray:
 
     obj, _ = _zarr_object(path)
     spacing: list[float | None] | None = None
+    level0 = None
     if isinstance(obj, zarr.Group):
-        attrs = dict(obj.attrs)
-        ome = attrs.get("ome", attrs)
-        if "multiscales" in ome:
-            ms = ome["multiscales"][0]
-            level = ms["datasets"][0]
-            arr = obj[level["path"]]
-            scales = [t for t in level.get("coordinateTransformations", []) if t["type"] == "scale"]
-            axes = ms.get("axes", [])
-            if scales and len(axes) == len(scales[0]["scale"]):
-                spacing = []
-                for ax, s in zip(axes, scales[0]["scale"], strict=True):
-                    ax = ax if isinstance(ax, dict) else {"name": ax, "type": "space"}
-                    if ax.get("type") == "space":
-                        unit = ax.get("unit")
-                        spacing.append(float(s) * _unit_scale(unit, path, "assuming micrometres"))
-                    else:
-                        spacing.append(None)
-            obj = arr
-        else:
-            names = sorted(obj.array_keys())
-            if len(names) != 1:
-                listing = ", ".join(names) if names else "none"
-                raise ConvertError(
-                    f"{path}: zarr group holds {len(names)} arrays ({listing}); "
-                    f"name one as {path}/<array>"
-                )
-            obj = obj[names[0]]
+        level0 = ome_level0(dict(obj.attrs), lambda p, g=obj: g[p].ndim, path)
+    if level0 is not None:
+        spacing = None if level0.spacing_um is None else list(level0.spacing_um)
+        obj = obj[level0.path]
+    elif isinstance(obj, zarr.Group):
+        names = sorted(obj.array_keys())
+        if len(names) != 1:
+            listing = ", ".join(names) if names else "none"
+            raise ConvertError(
+                f"{path}: zarr group holds {len(names)} arrays ({listing}); "
+                f"name one as {path}/<array>"
+            )
+        obj = obj[names[0]]
     data = np.asarray(obj[...])
     if spacing is None or len(spacing) != data.ndim:
         spacing = [None] * data.ndim

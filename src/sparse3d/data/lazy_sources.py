@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse3d.data.formats import _UNIT_TO_UM, ConvertError
+from sparse3d.data.formats import _UNIT_TO_UM, ConvertError, ome_level0
 
 __all__ = ["ArraySource", "close_handles", "is_sparse3d_volume"]
 
@@ -309,45 +309,26 @@ def _read_zarr(path: Path, key: str | None) -> _Native:
         raise _fail(path, f"not a readable zarr array or group ({err})") from None
     spacing: list[float | None] | None = None
     channel_hint, drop = None, ()
+    level0 = None
     if isinstance(obj, zarr.Group):
-        attrs = dict(obj.attrs)
-        ome = attrs.get("ome", attrs)
-        if "multiscales" in ome:
-            ms = ome["multiscales"][0]
-            level = ms["datasets"][0]
-            member = "/".join(p for p in (member, level["path"]) if p)
-            arr = obj[level["path"]]
-            axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
-            scale = next(
-                (
-                    t["scale"]
-                    for t in level.get("coordinateTransformations", [])
-                    if t["type"] == "scale"
-                ),
-                None,
+        level0 = ome_level0(dict(obj.attrs), lambda p, g=obj: g[p].ndim, path)
+    if level0 is not None:
+        member = "/".join(p for p in (member, level0.path) if p)
+        obj = obj[level0.path]
+        types = level0.types
+        channel_hint = types.index("channel") if types.count("channel") == 1 else None
+        drop = tuple(i for i, t in enumerate(types) if t == "time" and obj.shape[i] == 1)
+        spacing = None if level0.spacing_um is None else list(level0.spacing_um)
+    elif isinstance(obj, zarr.Group):
+        names = sorted(obj.array_keys())
+        if len(names) != 1:
+            listing = ", ".join(names) if names else "none"
+            raise _fail(
+                path,
+                f"zarr group holds {len(names)} arrays ({listing}); name one as {path}/<array>",
             )
-            if len(axes) == arr.ndim:
-                types = [a.get("type", "space" if a["name"] in "zyx" else "") for a in axes]
-                channel_hint = types.index("channel") if types.count("channel") == 1 else None
-                drop = tuple(i for i, t in enumerate(types) if t == "time" and arr.shape[i] == 1)
-                if scale is not None and len(scale) == arr.ndim:
-                    spacing = [
-                        float(s) * _UNIT_TO_UM.get(str(a.get("unit", "micrometer")), 1.0)
-                        if t == "space"
-                        else None
-                        for a, t, s in zip(axes, types, scale, strict=True)
-                    ]
-            obj = arr
-        else:
-            names = sorted(obj.array_keys())
-            if len(names) != 1:
-                listing = ", ".join(names) if names else "none"
-                raise _fail(
-                    path,
-                    f"zarr group holds {len(names)} arrays ({listing}); name one as {path}/<array>",
-                )
-            member = "/".join(p for p in (member, names[0]) if p)
-            obj = obj[names[0]]
+        member = "/".join(p for p in (member, names[0]) if p)
+        obj = obj[names[0]]
     meta = root / member / (".zarray" if (root / member / ".zarray").exists() else "zarr.json")
     src = ArraySource("zarr", str(root), member, obj.shape, np.dtype(obj.dtype).str, _stamp(meta))
     if channel_hint is not None and drop:

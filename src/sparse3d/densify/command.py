@@ -5,16 +5,21 @@
     python -m sparse3d.densify method=rf inputs=[a.h5]        # random forest, no network
 
 The paper's first use case (Sec. 1, Fig. 1a): the user annotates a few orthogonal slices of each
-volume; a model learns from those slices alone and returns the dense 3D segmentation. Two
+volume; a model learns from those slices alone and returns the dense 3D segmentation. Three
 methods, ``method=``:
 
-- ``unet`` (default): the paper's network, trained on every annotated slice of the inputs
-  (warm-starting from ``init_ckpt`` when given); each input is predicted with the seamless tiling
-  predictor.
-- ``rf``: a random forest on filter features (``sparse3d.densify.forests``, ilastik-style), fitted to each
-  input's own annotated voxels and applied to all of its voxels; settings in ``rf:``.
+- ``refine`` (default): cross-fitted, stacked random forests on filter features, then a small
+  3D U-Net trained on the annotated voxels and the forests' confident pseudo-labels, averaged
+  with the forests; block by block with memory set by ``memory_budget``
+  (:mod:`sparse3d.densify.pipeline`), on dask workers of this machine or a cluster.
+- ``rf``: a random forest on filter features (``sparse3d.densify.forests``, ilastik-style),
+  fitted to each input's own annotated voxels and applied to all of its voxels; settings in
+  ``rf:``; block by block like ``refine``.
+- ``unet``: the paper's network, trained on every annotated slice of the inputs (warm-starting
+  from ``init_ckpt`` when given); each input is predicted with the seamless tiling predictor.
 
-Both write ``<out>/<name>_seg.h5`` (the predictor's result layout) and ``<out>/<name>_seg.png``,
+All write ``<out>/<name>_seg.h5`` (the predictor's result layout; ``output_format=ome-zarr``:
+``<out>/<name>_seg.ome.zarr``, NGFF labels with a pyramid) and ``<out>/<name>_seg.png``,
 and ``<out>/densify.json`` with the method, its wall time per volume and, where the input carries
 a dense ground truth (the synthetic benchmark, or ``dense_labels=[...]``), the IoU on the voxels
 nobody annotated (``unannotated``) and on every voxel (``all_voxels``).
