@@ -30,7 +30,7 @@ import numpy as np
 from sparse3d.axes import AXES
 from sparse3d.densify.blocks import Block, BlockGrid, grow
 from sparse3d.densify.engine import Engine
-from sparse3d.densify.features import feature_halo, voxel_features
+from sparse3d.densify.features import feature_halo, feature_names, voxel_features
 from sparse3d.densify.forests import RandomForestSegmenter, context_features, plane_folds
 from sparse3d.densify.stores import Stores, ZarrSink, create_store
 
@@ -98,7 +98,14 @@ def _compute_features(image_ext, image_box, context_ext, context_box, region, sp
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box, strict=True)
     )
-    feats = voxel_features(
+    image_ext = np.asarray(image_ext)
+    names = feature_names(image_ext.shape[0], spec.sigmas)
+    extra = 0
+    if context_ext is not None:
+        extra = int(np.shape(context_ext)[0]) * (1 + len(spec.context_sigmas))
+    # one array for the base and the context features: no concatenated copy of either
+    out = np.empty((len(names) + extra, *(r.stop - r.start for r in region)), np.float32)
+    voxel_features(
         image_ext,
         spec.voxel_size_zyx_um,
         spec.sigmas,
@@ -106,15 +113,16 @@ def _compute_features(image_ext, image_box, context_ext, context_box, region, sp
         spec.threads,
         crop,
         progress=False,
+        out=out[: len(names)],
     )
     if context_ext is None:
-        return feats
+        return out
     assert context_box is not None
-    ctx = context_features(np.asarray(context_ext, np.float32), spec.context_sigmas)
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box, strict=True)
     )
-    return np.concatenate([feats, ctx[(slice(None), *crop)]])
+    context_features(context_ext, spec.context_sigmas, crop, out=out[len(names) :])
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -253,6 +253,7 @@ def voxel_features(
     threads: int | None = None,
     crop: Sequence[slice] | None = None,
     progress: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Filter-bank features of every voxel: image ``(C, Z, Y, X)`` -> ``(F, Z, Y, X)`` float32.
 
@@ -275,6 +276,8 @@ def voxel_features(
         crop: ``(z, y, x)`` slices: filter the whole ``image`` (a block with its halo) but keep
             only these voxels (the block's core); eigenvalues are computed for them alone.
         progress: a progress bar for big images (blocks of a blockwise pass have the pass's).
+        out: float32 array of the returned shape to write the features into (a block's
+            features followed by its context features, with no copy).
 
     Returns:
         ``(F, Z, Y, X)`` float32 (or ``(F, *crop)``), finite for finite input.
@@ -289,7 +292,9 @@ def voxel_features(
     names = feature_names(c, sig)
     box = tuple(slice(None) for _ in range(3)) if crop is None else tuple(crop)
     kept = tuple(len(range(*b.indices(n))) for b, n in zip(box, shape, strict=True))
-    feats = np.empty((len(names), *kept), dtype=np.float32)
+    if out is not None and (out.shape != (len(names), *kept) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 of shape {(len(names), *kept)}, got {out.shape}")
+    feats = np.empty((len(names), *kept), dtype=np.float32) if out is None else out
     norm = normalize_volume(image) if percentiles is None else apply_percentiles(image, percentiles)
     bar = tqdm(
         total=c * len(sig),

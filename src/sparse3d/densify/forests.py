@@ -259,15 +259,30 @@ def crossfit_probabilities(
     return full, crossfit
 
 
-def context_features(probabilities: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+def context_features(
+    probabilities: np.ndarray,
+    sigmas: Sequence[float],
+    crop: Sequence[slice] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Auto-context: ``probabilities (K, Z, Y, X)`` and their Gaussian smoothings at each sigma
-    (voxels) -> ``(K * (1 + len(sigmas)), Z, Y, X)`` float32, what a next stage learns from."""
+    (voxels) -> ``(K * (1 + len(sigmas)), Z, Y, X)`` float32, what a next stage learns from.
+
+    ``crop``: filter all of ``probabilities`` (a block with its halo) but return only these
+    voxels; ``out``: write there (float32, the returned shape) instead of a new array."""
     from scipy import ndimage as ndi
 
-    out = [probabilities.astype(np.float32)]
-    for s in sigmas:
-        out.append(np.stack([ndi.gaussian_filter(p, float(s)) for p in probabilities]))
-    return np.concatenate(out).astype(np.float32)
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    box = (slice(None),) * 3 if crop is None else tuple(crop)
+    k = probabilities.shape[0]
+    kept = probabilities[(slice(None), *box)].shape[1:]
+    if out is None:
+        out = np.empty((k * (1 + len(sigmas)), *kept), dtype=np.float32)
+    out[:k] = probabilities[(slice(None), *box)]
+    for i, s in enumerate(sigmas, 1):
+        for c, p in enumerate(probabilities):
+            out[i * k + c] = ndi.gaussian_filter(p, float(s))[box]
+    return out
 
 
 def stacked_probabilities(
