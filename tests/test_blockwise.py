@@ -141,6 +141,20 @@ def test_blocks_cut_each_axis_evenly_and_keep_both_workers_busy():
     assert np.prod(counts) % 2 == 0
 
 
+def test_store_chunks_never_straddle_two_blocks_and_stay_small():
+    """Blocks written by different workers must never share a chunk, and a network tile read
+    from a store should not decompress a whole block."""
+    for shape, block in [((298, 355, 285), (160, 192, 144)), ((40, 700, 90), (40, 176, 90))]:
+        grid = BlockGrid(shape, block)
+        chunks = grid.store_chunks()
+        assert max(chunks) <= 64
+        for n, b, c, count in zip(shape, block, chunks, grid.counts, strict=True):
+            starts = {i * b for i in range(count)}
+            assert all(s % c == 0 for s in starts), (block, chunks)  # every block starts a chunk
+            if count == 1:
+                assert c == min(n, 64)
+
+
 def test_plan_says_what_it_needs_and_what_to_change():
     plan = plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 8 * 10**9, 300 * 2**20)
     assert plan.peak_bytes <= plan.budget_bytes and plan.n_blocks > 1

@@ -124,3 +124,23 @@ def test_reads_an_ome_zarr_segmentation(tmp_path):
     assert np.array_equal(np.asarray(data), labels + 1)
     assert np.allclose(layer.scale, (2.0, 0.5, 0.5))
     assert list(layer.features["class_name"]) == ["unlabelled", "bg", "cell", "edge"]
+
+
+def test_reads_densify_ome_zarr_result_without_shifting_it_twice(tmp_path):
+    """densify writes class c as c + 1 with label value 0 named ``unlabelled``; the reader must
+    show those values as they are (background is 1, not 2) with one name per value."""
+    ome_zarr = pytest.importorskip("sparse3d.data.ome_zarr")
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, 3, size=(8, 64, 64)).astype(np.uint8)
+    path = tmp_path / "vol_seg.ome.zarr"
+    writer = ome_zarr.OmeZarrLabelsWriter(
+        path, classes.shape, (2.0, 0.5, 0.5), ("unlabelled", "bg", "cell", "edge"),
+        chunks_zyx=(4, 16, 16),
+    )  # fmt: skip
+    writer.write((slice(None),) * 3, classes + 1)
+    writer.finish()
+    viewer = add_all(get_reader(str(path))(str(path)))
+    layer = viewer.layers["vol_seg"]
+    data = layer.data[0] if layer.multiscale else layer.data
+    assert np.array_equal(np.asarray(data), classes + 1)
+    assert list(layer.features["class_name"]) == ["unlabelled", "bg", "cell", "edge"]

@@ -90,6 +90,19 @@ class BlockGrid:
         for index in np.ndindex(*self.counts):
             yield self.block_at(index)
 
+    def store_chunks(self, most: int = 64) -> ZYX:
+        """Chunks ``(z, y, x)`` of a store the blocks write into: no chunk is shared by two
+        blocks (along an axis cut into several blocks, the side divides the block's), and none
+        is larger than ``most`` voxels a side where that can be, so reading a small tile (the
+        network's) decompresses little more than the tile."""
+        out = []
+        for n, b, count in zip(self.shape, self.block, self.counts, strict=True):
+            if count == 1:
+                out.append(min(n, most))
+            else:
+                out.append(max(d for d in range(1, min(b, most) + 1) if b % d == 0))
+        return tuple(out)  # type: ignore[return-value]
+
     def with_halo(self, halo: Sequence[int]) -> BlockGrid:
         return BlockGrid(self.shape, self.block, tuple(int(h) for h in halo))  # type: ignore[arg-type]
 

@@ -430,7 +430,7 @@ def stacked_forests_blockwise(
     folds = plane_folds(vol.slices, n_folds) if fold_forest is not None else []
     if len(folds) < 2:
         folds = []
-    chunks = (k, *grid.block)
+    chunks = (k, *grid.store_chunks())
     context = None
     stores = None
     for stage in range(int(stages)):

@@ -51,6 +51,14 @@ def _pseudo_block(full_core, label_core, core, shape, threshold, ign, keep_fract
     return count, [flat[cls == c].astype(np.int64) for c in range(p.shape[0])]
 
 
+def _here(part: Any) -> np.ndarray:
+    """A tile of a lazy array read in this process (not sent to a cluster's workers, which
+    would cost a round trip per tile and keep them busy while the network trains)."""
+    if hasattr(part, "compute"):
+        return np.asarray(part.compute(scheduler="sync"))
+    return np.asarray(part)
+
+
 class StoreTiles(PlaneTiles):
     """:class:`PlaneTiles` whose tiles are read from the stores: ``image`` ``(C, Z, Y, X)``
     (dask or array), ``crossfit`` and ``full`` ``(K, Z, Y, X)`` zarr paths, ``label``
@@ -118,11 +126,9 @@ class StoreTiles(PlaneTiles):
 
         box = tuple(slice(s, s + t) for s, t in zip(start, self.input_tile, strict=True))
         crossfit, full = self._open()
-        image = apply_percentiles(
-            np.asarray(self.source_image[(slice(None), *box)]), self.percentiles
-        )
+        image = apply_percentiles(_here(self.source_image[(slice(None), *box)]), self.percentiles)
         x = np.concatenate([image, crossfit[(slice(None), *box)]]).astype(np.float32)
-        label = np.asarray(self.source_label[box]).astype(np.int64)
+        label = _here(self.source_label[box]).astype(np.int64)
         p = full[(slice(None), *box)]
         keep = (p.max(0) >= self.threshold) & (label == self.ignore_index)
         pseudo = np.where(keep, p.argmax(0), self.ignore_index).astype(np.int64)
@@ -231,7 +237,7 @@ def refine_network_blockwise(
     net.eval()
     net_d = engine.share(net.cpu())
     halo_net = -(-(net.receptive_field // 2 + 1) // multiple) * multiple
-    out = create_store(scratch / "refined.zarr", (k, *shape), (k, *grid.block), "float32")
+    out = create_store(scratch / "refined.zarr", (k, *shape), (k, *grid.store_chunks()), "float32")
     cross = da.from_zarr(stores.crossfit.path)
     flips = TTA_FLIPS if opts.tta else ((),)
     tasks = []

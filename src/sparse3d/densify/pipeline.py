@@ -185,7 +185,7 @@ def densify_file(
             )
         # labels and scores, block by block
         labels_path = scratch / "labels.zarr"
-        labels_sink = create_store(labels_path, shape, grid.block, "uint8")
+        labels_sink = create_store(labels_path, shape, grid.store_chunks(), "uint8")
         probs = da.from_zarr(final.path)
         truth = lazy.dense_label
         tasks = [
@@ -275,7 +275,7 @@ def _write_output(
             tuple(labels.shape),
             tuple(meta.voxel_size_zyx_um),
             ("unlabelled", *spec.class_names),
-            chunks_zyx=tuple(grid.block),
+            chunks_zyx=grid.store_chunks(),
             overwrite=True,
         )
         try:

@@ -166,7 +166,8 @@ def read_result_tiff(path: str) -> list[LayerData]:
 
 def read_ome_zarr_labels(path: str) -> list[LayerData]:
     """An OME-Zarr segmentation (levels as a multiscale Labels layer, class names from its
-    ``image-label`` properties), shifted to painting codes lazily."""
+    ``image-label`` properties) in painting codes: densify's results (label value 0 named
+    ``unlabelled``, class c stored as c + 1) as they are, other label images shifted lazily."""
     import json
 
     from sparse3d.data.ome_zarr import read_levels
@@ -181,7 +182,11 @@ def read_ome_zarr_labels(path: str) -> list[LayerData]:
             props = attrs.get("ome", attrs).get("image-label", {}).get("properties", [])
             names = [str(d.get("class", d.get("label-value"))) for d in props]
             break
-    data = [(lv.data.astype(np.uint16) + 1) for lv in levels]
+    if names[:1] == ["unlabelled"]:  # densify's own result: already in painting codes
+        names = names[1:]
+        data = [lv.data for lv in levels]
+    else:  # label value v is class v: shifted so that every class shows
+        data = [(lv.data.astype(np.uint16) + 1) for lv in levels]
     kw: dict[str, Any] = {
         "name": p.name.removesuffix(".zarr").removesuffix(".ome"),
         "scale": levels[0].scale_zyx_um,
