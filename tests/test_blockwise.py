@@ -155,6 +155,16 @@ def test_store_chunks_never_straddle_two_blocks_and_stay_small():
                 assert c == min(n, 64)
 
 
+def test_network_pass_fits_each_worker_share_of_the_budget():
+    from sparse3d.densify.plan import NET_BYTES_PER_VOXEL, network_pass_voxels
+
+    plan = plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 8 * 10**9, 300 * 2**20)
+    n = network_pass_voxels(plan, 10**12)
+    assert n * NET_BYTES_PER_VOXEL <= plan.budget_bytes / 2
+    assert network_pass_voxels(plan, 1000) == 1 << 18  # never below a useful slab
+    assert network_pass_voxels(plan, 10**6) == 10**6  # the option's cap when it is smaller
+
+
 def test_plan_says_what_it_needs_and_what_to_change():
     plan = plan_blocks((300, 1024, 1024), 1, 50, 3, (30, 30, 30), 2, 8 * 10**9, 300 * 2**20)
     assert plan.peak_bytes <= plan.budget_bytes and plan.n_blocks > 1
@@ -258,10 +268,16 @@ def test_suggestion_from_block_sums_equals_the_whole_volume_one():
 
 
 @pytest.mark.slow
-def test_refine_blockwise_matches_the_in_memory_path(volume, tmp_path):
+@pytest.mark.parametrize("slabs", [False, True])
+def test_refine_blockwise_matches_the_in_memory_path(volume, tmp_path, monkeypatch, slabs):
     """Same forests, same training tiles (centres in the same order, read from the stores), a
     network predicted block by block with its receptive field as halo: the segmentation of the
-    whole-volume path, up to the rounding of convolutions of other sizes."""
+    whole-volume path, up to the rounding of convolutions of other sizes. ``slabs``: a memory
+    share too small for one pass over a block, which is then predicted in overlapping slabs."""
+    if slabs:
+        import sparse3d.densify.pipeline as pipeline
+
+        monkeypatch.setattr(pipeline, "network_pass_voxels", lambda plan, cap: 4096)
     common = [
         "method=refine", "refine.max_steps=4", "refine.fold_trees=4", "refine.input_tile=[16,32,32]",
         "refine.batch_size=1",

@@ -136,13 +136,14 @@ class StoreTiles(PlaneTiles):
 
 
 def _predict_block(image_ext, cross_ext, full_core, ext, core, net, multiple, pct, weight,
-                   flips, threads, sink) -> int:  # fmt: skip
-    """The network's softmax over the grown block, its core averaged with the forests'."""
+                   flips, threads, sink, halo=0, max_voxels=1 << 62) -> int:  # fmt: skip
+    """The network's softmax over the grown block (in z slabs overlapping by ``halo`` beyond
+    ``max_voxels``), its core averaged with the forests'."""
     from sparse3d.data.normalize import apply_percentiles
 
     torch.set_num_threads(max(1, int(threads)))
     x = np.concatenate([apply_percentiles(np.asarray(image_ext), pct), np.asarray(cross_ext)])
-    prob = predict_same_padded(net, x.astype(np.float32), multiple, 0, 1 << 62, flips)
+    prob = predict_same_padded(net, x.astype(np.float32), multiple, halo, max_voxels, flips)
     crop = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext, strict=True))
     avg = (1.0 - weight) * prob[(slice(None), *crop)] + weight * np.asarray(full_core)
     sink(core, avg.astype(np.float32))
@@ -158,9 +159,11 @@ def refine_network_blockwise(
     engine: Engine,
     scratch: Path,
     facts: dict[str, Any],
+    max_voxels: int = 1 << 62,
 ) -> ZarrSink:
     """Train the refining network on tiles read from ``stores`` and predict it block by block;
-    returns the store of the average with the forests (``(K, Z, Y, X)`` float32)."""
+    returns the store of the average with the forests (``(K, Z, Y, X)`` float32). A block
+    grown by the receptive field beyond ``max_voxels`` is predicted in overlapping slabs."""
     import dask
     import dask.array as da
 
@@ -257,6 +260,8 @@ def refine_network_blockwise(
                 flips,
                 engine.threads_per_task,
                 out,
+                halo_net,
+                max_voxels,
             )  # fmt: skip
         )
     t1 = time.perf_counter()

@@ -28,7 +28,7 @@ from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, feature_names
 from sparse3d.densify.forests import RandomForestSegmenter
 from sparse3d.densify.options import RefineOptions, RfOptions
-from sparse3d.densify.plan import Plan, forest_bytes, plan_blocks
+from sparse3d.densify.plan import Plan, forest_bytes, network_pass_voxels, plan_blocks
 from sparse3d.densify.stores import ZarrSink, create_store
 
 log = logging.getLogger("sparse3d.densify")
@@ -181,8 +181,9 @@ def densify_file(
             from sparse3d.densify.network_lazy import refine_network_blockwise
 
             final = refine_network_blockwise(
-                vol, grid, spec, stores, refine, engine, scratch, facts
-            )
+                vol, grid, spec, stores, refine, engine, scratch, facts,
+                network_pass_voxels(plan, refine.max_voxels_per_pass),
+            )  # fmt: skip
         # labels and scores, block by block
         labels_path = scratch / "labels.zarr"
         labels_sink = create_store(labels_path, shape, grid.store_chunks(), "uint8")

@@ -30,6 +30,9 @@ MAIN_BYTES = 900 * 2**20
 #: (measured: a 176^3 core with its 30-voxel halo peaks at 17 per grown voxel over its features;
 #: each scale filters only what it reads and cuts every axis after its pass)
 FILTER_TEMPORARIES = 18
+#: bytes per input voxel of one forward pass of refine's network (8 base channels, depth 3,
+#: same-padded; measured 390-550 over 96^3-128^3 inputs, with the test-time flips' sum)
+NET_BYTES_PER_VOXEL = 600
 #: default budget: this fraction of the available memory, at most DEFAULT_BUDGET_CAP
 DEFAULT_BUDGET_FRACTION = 0.5
 DEFAULT_BUDGET_CAP = 8 * 10**9
@@ -134,3 +137,13 @@ def plan_blocks(
     used = min(workers, n_blocks)
     peak = fixed - (workers - used) * per_process + used * cost(block)
     return Plan(block, n_blocks, used, int(peak), int(budget_bytes), in_process)
+
+
+def network_pass_voxels(plan: Plan, cap: int) -> int:
+    """Voxels one worker may give refine's network in one forward pass (at most ``cap``): a
+    block larger than that is predicted in overlapping slabs (same result), so the network's
+    activations stay within the worker's share of the budget."""
+    share = (plan.budget_bytes - MAIN_BYTES) / max(1, plan.workers)
+    if not plan.keep_features:
+        share -= WORKER_BYTES
+    return int(max(1 << 18, min(int(cap), share // NET_BYTES_PER_VOXEL)))
