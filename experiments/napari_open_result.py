@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         levels = read_levels(args.image)
         data = [lv.data for lv in levels]
         channel_axis = 0 if data[0].ndim == 4 else None
+        coarse = data[-1].compute() if hasattr(data[-1], "compute") else data[-1]
         viewer.add_image(
             data if len(data) > 1 else data[0],
+            contrast_limits=(float(coarse.min()), float(coarse.max())),
             multiscale=len(data) > 1,
             channel_axis=channel_axis,
             scale=levels[0].scale_zyx_um,
