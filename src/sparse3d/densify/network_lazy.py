@@ -141,9 +141,13 @@ def _predict_block(image_ext, cross_ext, full_core, ext, core, net, multiple, pc
     ``max_voxels``), its core averaged with the forests'."""
     from sparse3d.data.normalize import apply_percentiles
 
-    torch.set_num_threads(max(1, int(threads)))
     x = np.concatenate([apply_percentiles(np.asarray(image_ext), pct), np.asarray(cross_ext)])
-    prob = predict_same_padded(net, x.astype(np.float32), multiple, halo, max_voxels, flips)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:  # blocks running as threads of the caller's process must not leave it at one thread
+        prob = predict_same_padded(net, x.astype(np.float32), multiple, halo, max_voxels, flips)
+    finally:
+        torch.set_num_threads(before)
     crop = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext, strict=True))
     avg = (1.0 - weight) * prob[(slice(None), *crop)] + weight * np.asarray(full_core)
     sink(core, avg.astype(np.float32))
