@@ -447,7 +447,8 @@ def stacked_forests_blockwise(
 
         def fit(model, drawn, union=union, rows=rows, labels=labels) -> RandomForestSegmenter:
             pos = np.searchsorted(union, drawn)
-            return model.fit_rows(rows[pos], labels[pos])
+            with engine.fitting():
+                return model.fit_rows(rows[pos], labels[pos])
 
         fit(forest, draws[0])
         stores = Stores(

@@ -56,6 +56,19 @@ class Engine:
 
         return dask.delayed(obj, pure=True)
 
+    def fitting(self) -> Any:
+        """Context in which a forest's ``fit`` runs: its trees spread over the cluster's workers
+        (joblib's dask backend) when there is a cluster, so the fit does not stay the one step
+        that a bigger cluster leaves as slow; this process's threads otherwise. The trees and
+        their seeds are the same either way."""
+        import contextlib
+
+        if self.client is None:
+            return contextlib.nullcontext()
+        import joblib
+
+        return joblib.parallel_backend("dask", wait_for_workers_timeout=60)
+
     def run(self, tasks: Sequence[Any], desc: str) -> list[Any]:
         """Compute ``tasks`` (``dask.delayed``), in order of the list; raises the first
         task's error, or ``InterruptedError`` when ``should_stop`` asked to stop."""
