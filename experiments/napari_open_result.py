@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp(cmd[0], cmd)
 
     import napari
+    from napari_screenshot import save_window  # this folder's screenshot helper
     from qtpy.QtWidgets import QApplication
 
     from sparse3d.data.ome_zarr import read_levels
@@ -61,14 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in viewer.layers:
         shapes = [tuple(d.shape) for d in layer.data] if layer.multiscale else [layer.data.shape]
         print(f"{layer.name}: {len(shapes)} level(s), finest {shapes[0]}, coarsest {shapes[-1]}")
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.05)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    viewer.screenshot(str(tmp), canvas_only=False)
-    tmp.replace(out)
+    out = save_window(viewer, app, Path(args.out))
     print(f"opened and drawn in {opened:.1f} s; screenshot {out}")
     viewer.close()
     return 0

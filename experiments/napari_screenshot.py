@@ -25,6 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def save_window(viewer, app, out: Path) -> Path:
+    """Let the window draw for a second, then save it (with its docks) to ``out``, written
+    under a temporary name first."""
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.05)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    viewer.screenshot(str(tmp), canvas_only=False)
+    tmp.replace(out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "napari_widget.png"))
@@ -81,14 +94,7 @@ def main(argv=None) -> int:
         return 1
     widget.go_to_suggestion()
     viewer.layers.selection.active = viewer.layers["painting"]
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.05)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    viewer.screenshot(str(tmp), canvas_only=False)
-    tmp.replace(out)
+    out = save_window(viewer, app, Path(args.out))
     print(f"{out}: rf in {widget.result.seconds:.1f} s; {widget.next_label.text()}")
     viewer.close()
     return 0

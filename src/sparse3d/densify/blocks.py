@@ -153,7 +153,7 @@ def block_for_budget(
         out = set()
         for count in range(first, max(first, math.ceil(n / side)) + 3):
             b = min(n, multiple * math.ceil(math.ceil(n / count) / multiple))
-            out.add(min(b, max(multiple, largest)) if b < n else n)
+            out.add(min(b, largest) if b < n else n)
         return out
 
     def work(b: Sequence[int]) -> tuple[float, int]:
