@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from sparse3d.mdtables import md_tables
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 EXPERIMENT = {1: "semi_cv", 2: "slice_sweep", 3: "full_auto"}
@@ -155,21 +157,6 @@ def feature_cache(sigmas: Sequence[float]) -> Callable[..., np.ndarray]:
 
 
 # -- the 3D U-Net figures, quoted from the results files ---------------------------------------
-def md_tables(text: str) -> list[list[list[str]]]:
-    """The markdown tables of ``text``: rows of cells, header first, separator rows dropped."""
-    tables: list[list[list[str]]] = []
-    rows: list[list[str]] = []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                rows.append(cells)
-        elif rows:
-            tables.append(rows)
-            rows = []
-    return tables
-
-
 def unet_quotes(refactor_md: str, tables_md: str, setups: Mapping[str, str]) -> dict:
     """``{(table, key): (held-out, all voxels)}`` of the 3D U-Net with BN: Tables 1 and 3 from
     ``refactor_check.md`` (the "after" columns), Table 2 from ``tables_cpu.md``."""

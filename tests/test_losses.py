@@ -102,3 +102,16 @@ def test_balanced_weights():
     assert balanced_class_weights([0, 10, 30])[0] == 0.0
     with pytest.raises(ValueError):
         balanced_class_weights([0, 0, 0])
+
+
+def test_square_root_balancing_lies_between_none_and_full():
+    counts = [50, 150, 800]
+    full, half, none = (balanced_class_weights(counts, p) for p in (1.0, 0.5, 0.0))
+    assert none == pytest.approx((1.0, 1.0, 1.0))
+    assert pytest.approx(sum(half) / 3) == 1.0
+    # each ratio between two classes is the square root of the full ratio
+    assert half[0] / half[2] == pytest.approx((full[0] / full[2]) ** 0.5)
+    assert half[1] / half[2] == pytest.approx((full[1] / full[2]) ** 0.5)
+    assert full[0] / full[2] > half[0] / half[2] > 1.0
+    with pytest.raises(ValueError, match="power"):
+        balanced_class_weights(counts, 1.5)

@@ -58,6 +58,7 @@ REFINE_BAD = [
     ("centre_sampling", "edge"),
     ("flip_axes", ["z", "t"]),
     ("max_voxels_per_pass", 0),
+    ("precision", "fp16"),
 ]
 
 CLUSTER_BAD = [
@@ -90,6 +91,7 @@ def test_range_check_names_the_key(cls, prefix, key, value):
         (RefineOptions, "pseudo_class_fraction", 1.0),
         (RefineOptions, "flip_axes", []),
         (RefineOptions, "class_weights", "sqrt"),
+        (RefineOptions, "precision", "auto"),
         (ClusterOptions, "kind", "threads"),
         (ClusterOptions, "address", "tcp://host:8786"),
     ],

@@ -186,6 +186,35 @@ def test_local_sweep_with_ddp_is_refused(launcher, devices, refused):
         _check_ddp_launch(cfg.trainer, "MULTIRUN", target)
 
 
+@pytest.mark.slow
+def test_parallel_launcher_runs_a_sweeps_jobs_side_by_side_on_a_share_of_the_cores(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import joblib
+
+    cfg = _compose(["hydra/launcher=parallel"], hydra_cfg=True)
+    assert "JoblibLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == 2
+    args = ["-m", "hydra/launcher=parallel", "experiment=semi_cv", "fold=1,2", "preset=smoke"]
+    args += ["logger=none", f"data.root={tmp_path / 'data'}", f"runs_root={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse3d.train", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = sorted(tmp_path.glob("semi_cv/*/fold*-seed0/metrics.json"))
+    assert [p.parent.name for p in found] == ["fold1-seed0", "fold2-seed0"]
+    for p in found:  # joblib gives each of the two workers half the cores
+        assert json.loads(p.read_text())["torch_threads"] == max(1, joblib.cpu_count() // 2)
+
+
 def test_local_sweep_with_ddp_is_one_line_on_the_command_line(tmp_path):
     import os
     import subprocess
@@ -386,6 +415,7 @@ def test_evaluation_after_fit_runs_on_the_training_device(monkeypatch, tmp_path)
         loggers=[logger],
         global_step=7,
         world_size=1,
+        precision="32-true",
     )
     cfg = _compose(["preset=smoke", "logger=none"])
     metrics = train._evaluate(cfg, job, trainer, tmp_path, True, 1.0, None)

@@ -295,3 +295,26 @@ def test_refine_class_weights_from_the_annotated_voxels():
     )
     with pytest.raises(ValueError, match="class_weights"):
         refine_class_weights(label, 3, "inverse")
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_refiner_trains_in_the_chosen_precision(precision, dtype):
+    """``refine.precision``: the network's convolutions run in bf16 under bf16-mixed (weights
+    stay fp32), in fp32 otherwise; the resolved precision is returned for densify.json."""
+    from sparse3d.densify.network_fit import RefineModule, fit_refiner
+
+    shape, ign = (8, 16, 16), 3
+    rng = np.random.default_rng(0)
+    image = rng.random((1, *shape), dtype=np.float32)
+    label = np.full(shape, ign, np.uint8)
+    label[4, 2:14, 2:14] = rng.integers(0, 3, (12, 12))
+    tiles = PlaneTiles(image, label, label.copy(), ign, (8, 16, 16), seed=0)
+    torch.manual_seed(0)
+    net = UNet(1, 3, base_channels=2, depth=2, padding="same", norm="batch")
+    seen = []
+    net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    module = RefineModule(net, 3, ign, pseudo_weight=0.0, lr=1e-3, max_steps=2, time_budget_s=None)
+    fit = fit_refiner(module, tiles, 1, accelerator="cpu", progress_bar=False, precision=precision)
+    assert fit["precision"] == precision and fit["steps"] == 2
+    assert seen and set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in net.parameters())

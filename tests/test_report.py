@@ -137,3 +137,54 @@ def test_fold_comes_from_metrics_json_not_split_json(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| 1 |") and "0.500 (n=2)" in line for line in rows)
     assert not any(line.startswith("| 0 |") for line in rows)
+
+
+_RF_TABLES = """# RF beside the 3D U-Net
+
+### Table 1 — semi-automated segmentation, 3-fold cross-validation (IoU)
+
+| test slices | RF held-out | RF held-out incl. crossings | RF all voxels | 3D with BN paper | RF s |
+|---|---|---|---|---|---|
+| 1 | 0.870 | 0.871 | 0.866 | 0.855 | 76 |
+| 2 | 0.840 | 0.847 | 0.849 | 0.871 | 62 |
+| **average** | 0.999 | 0.856 | 0.856 | 0.863 | 201 (sum) |
+
+### Table 2 — effect of the number of annotated slices (IoU)
+
+| GT slices | sample | RF held-out | RF held-out incl. crossings | RF all voxels | RF s |
+|---|---|---|---|---|---|
+| 1,1,1 | 2 | 0.869 | 0.873 | 0.888 | 20 |
+| 5,5,3 | 2 | 0.888 | 0.895 | 0.909 | 26 |
+"""
+
+
+def test_other_learners_tables_sit_beside_ours_job_by_job(tmp_path):
+    runs = tmp_path / "runs"
+    for fold, v in ((1, 0.6), (2, 0.7)):
+        _run(runs, "semi_cv", "unet3d", fold=fold, iou=v)
+    for setup in (1, 4):
+        _run(runs, "slice_sweep", "unet3d", sample=2, setup=setup, iou=0.2 * setup)
+    _run(runs, "full_auto", "unet3d", fold=1, iou=0.3)
+    rf = tmp_path / "tables_rf.md"
+    rf.write_text(_RF_TABLES)
+    lines = build_report([runs], tmp_path / "report.md", [rf]).splitlines()
+    head = next(line for line in lines if line.startswith("| test slices"))
+    assert head.endswith("| RF (held-out) |")
+    assert next(line for line in lines if line.startswith("| 1 | 0.600")).endswith("| 0.870 |")
+    avg = next(line for line in lines if line.startswith("| **average** | 0.650"))
+    assert avg.endswith("| 0.855 |")  # the mean of the RF's jobs, not its file's average row
+    sweep_head = next(line for line in lines if line.startswith("| GT slices"))
+    assert sweep_head.endswith("| S2 ours, all voxels | S2 RF |")
+    assert next(line for line in lines if line.startswith("| 5,5,3")).endswith("| 0.888 |")
+    t3_head = next(line for line in lines if line.startswith("| test volume"))
+    assert "RF" not in t3_head  # the file has no Table 3
+
+
+def test_a_missing_comparison_file_is_one_line(tmp_path):
+    _run(tmp_path, "semi_cv", "unet3d")
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse3d.report", str(tmp_path), "--compare", "nope.md"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and r.stderr.strip() == "error: --compare nope.md: no such file"

@@ -154,6 +154,20 @@ def test_fast_dev_run_each_experiment(experiment, model, smoke_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_square_root_class_weights_are_the_balanced_ones_softened(smoke_data, tmp_path):
+    import numpy as np
+
+    weights = {}
+    for kind in ("balanced", "sqrt"):
+        runs = tmp_path / kind
+        cfg = _smoke_cfg(smoke_data, runs, [f"loss.class_weights={kind}", "trainer.max_steps=1"])
+        weights[kind] = np.array(train(cfg, _run_dir(cfg, runs))["class_weights"])
+    full, half = weights["balanced"], weights["sqrt"]
+    assert full.max() / full.min() > half.max() / half.min() > 1.0
+    np.testing.assert_allclose(half / half[-1], np.sqrt(full / full[-1]), rtol=1e-9)
+
+
+@pytest.mark.slow
 def test_finished_job_is_skipped_and_resume_is_exact(smoke_data, tmp_path):
     runs = tmp_path / "runs"
     common = ["trainer.max_steps=4", "checkpoint_every_n_steps=2", "data.samples_per_epoch=2"]
@@ -200,6 +214,7 @@ def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int
         (["experiment=nonsense"], "unknown experiment 'nonsense'"),
         (["fold=9"], "fold=9 is out of range"),
         (["data.input_tile=[45,44,44]"], "nearest legal sizes"),
+        (["loss.class_weights=inverse"], "loss.class_weights must be balanced, sqrt"),
         (
             ["data.generate_if_missing=false", "data.root=/nonexistent"],
             "python -m sparse3d.data.synth",

@@ -265,8 +265,11 @@ def build(cfg: DictConfig) -> Job:
     )
     dm.setup()
     cw = cfg.loss.class_weights
-    if cw == "balanced":
-        weights = balanced_class_weights(dm.train_class_counts())
+    if cw in ("balanced", "sqrt"):
+        power = 1.0 if cw == "balanced" else 0.5
+        weights = balanced_class_weights(dm.train_class_counts(), power)
+    elif isinstance(cw, str):
+        raise UserError(f"loss.class_weights must be balanced, sqrt, null or a list, got {cw!r}")
     else:
         weights = None if cw is None else [float(w) for w in cw]
     model_meta = {

@@ -18,12 +18,14 @@ from torch import nn
 from sparse3d.crop import center_crop
 
 
-def balanced_class_weights(counts: Sequence[int]) -> tuple[float, ...]:
+def balanced_class_weights(counts: Sequence[int], power: float = 1.0) -> tuple[float, ...]:
     """Inverse-frequency class weights from labelled-voxel counts, normalised to mean 1.
 
     Computed from labelled voxels only. Frequent classes (the paper's background) get weights
-    below 1, rare ones (the inner tubule) above, so every class has the same total influence
-    (Sec. 3.2). A class with no labelled voxel gets weight 0.
+    below 1, rare ones (the inner tubule) above (Sec. 3.2). ``power`` 1: weight ``1 / count``,
+    every class has the same total influence; 0.5: ``1 / sqrt(count)``, a rare class counts
+    more than its share but less than a frequent one; 0: no weighting. A class with no labelled
+    voxel gets weight 0.
     """
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 1 or c.size < 2 or (c < 0).any():
@@ -31,8 +33,10 @@ def balanced_class_weights(counts: Sequence[int]) -> tuple[float, ...]:
     present = c > 0
     if not present.any():
         raise ValueError("no labelled voxel: cannot compute balanced class weights")
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"the balancing power must lie in [0, 1], got {power}")
     w = np.zeros_like(c)
-    w[present] = c[present].sum() / (present.sum() * c[present])
+    w[present] = (c[present].sum() / (present.sum() * c[present])) ** power
     w *= present.sum() / w.sum()
     return tuple(float(v) for v in w)
 

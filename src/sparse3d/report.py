@@ -6,6 +6,9 @@ slices; the paper's protocol) sits beside the paper's number; where a dense grou
 the IoU over every voxel (``all_voxels``) is shown too. Several seeds of one cell are averaged
 and counted.
 
+Other learners' tables (``--compare experiments/results/tables_rf.md``, the files
+``experiments/rf_tables.py`` writes) add their held-out IoU beside ours, job by job.
+
 Run folders of earlier versions are read too: their ``dense`` is today's ``all_voxels``, and
 their ``heldout`` still counted the crossings with training slices (today's ``heldout_all``);
 the report says how many such runs it holds.
@@ -23,6 +26,7 @@ from statistics import mean
 from typing import Any
 
 from sparse3d.atomic import atomic_path, write_text_atomic
+from sparse3d.mdtables import md_tables
 from sparse3d.runfolder import find_runs, read_metrics
 
 #: The paper's Tables 1-3, shipped inside the package (found in a wheel install too).
@@ -48,6 +52,51 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     return runs
 
 
+#: first header cell of each protocol's table, as ``experiments/rf_tables.py`` writes it
+_ROW_LABELS = {"test slices": "semi_cv", "test volume": "full_auto", "GT slices": "slice_sweep"}
+
+
+class Comparison:
+    """Another learner's held-out IoU per job, read from a table file of
+    ``experiments/rf_tables.py``: ``values[(protocol, job)]`` with ``job`` the fold (``"1"``) or,
+    for Table 2, ``(setup, sample)`` (``("1", "2")``)."""
+
+    def __init__(self, name: str, values: dict[tuple[str, Any], float], source: str) -> None:
+        self.name, self.values, self.source = name, values, source
+
+    @classmethod
+    def read(cls, path: Path, setups: dict[str, str]) -> Comparison:
+        if not path.is_file():
+            raise SystemExit(f"error: --compare {path}: no such file")
+        setup_of = {label: key for key, label in setups.items()}
+        name, values = None, {}
+        for rows in md_tables(path.read_text()):
+            head = rows[0]
+            protocol = _ROW_LABELS.get(head[0])
+            col = next((i for i, h in enumerate(head) if h.endswith(" held-out")), None)
+            if protocol is None or col is None:
+                continue
+            name = head[col][: -len(" held-out")]
+            for cells in rows[1:]:
+                if cells[0].startswith("**") or cells[col] == "–":
+                    continue  # the file's own average: recomputed here from the jobs
+                job = (setup_of[cells[0]], cells[1]) if protocol == "slice_sweep" else cells[0]
+                values[(protocol, job)] = float(cells[col])
+        if name is None:
+            raise SystemExit(f"error: {path} holds no table of experiments/rf_tables.py")
+        return cls(name, values, str(path))
+
+    def cell(self, protocol: str, job: Any) -> str:
+        if job == "average":
+            v = [x for (p, _), x in self.values.items() if p == protocol]
+        else:
+            v = [self.values[(protocol, job)]] if (protocol, job) in self.values else []
+        return "–" if not v else f"{mean(v):.3f}"
+
+    def has(self, protocol: str) -> bool:
+        return any(p == protocol for p, _ in self.values)
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "–"
@@ -60,7 +109,7 @@ def _iou(run: dict[str, Any], key: str) -> float | None:
     return None if not s else s.get("mean")
 
 
-def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
+def _protocol_table(runs, protocol, paper, title, row_label, compare=()) -> list[str]:
     sel = [r for r in runs if r.get("protocol") == protocol]
     if not sel:
         return []
@@ -80,6 +129,8 @@ def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
     for m in models:
         name = cols.get(m, m)
         head += [f"{name} ours", f"{name} paper", f"{name} ours, all voxels"]
+    others = [c for c in compare if c.has(protocol)]
+    head += [f"{c.name} (held-out)" for c in others]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     folds = sorted({str(r["fold"]) for r in sel}, key=int) + ["average"]
@@ -92,11 +143,12 @@ def _protocol_table(runs, protocol, paper, title, row_label) -> list[str]:
                 "–" if p is None else f"{p:.3f}",
                 _cell(cells.get((f, m, "all_voxels"), [])),
             ]
+        row += [c.cell(protocol, f) for c in others]
         lines.append("| " + " | ".join(row) + " |")
     return [*lines, ""]
 
 
-def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
+def _sweep_table(runs, paper, compare=()) -> tuple[list[str], dict[str, dict[int, float]]]:
     sel = [r for r in runs if r.get("protocol") == "slice_sweep"]
     if not sel:
         return [], {}
@@ -114,8 +166,10 @@ def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
         frac[int(r["setup"])].append(r.get("train_voxel_fraction", float("nan")))
     lines = ["### Table 2 — effect of the number of annotated slices (IoU)", ""]
     head = ["GT slices", "GT voxels ours", "GT voxels paper"]
+    others = [c for c in compare if c.has("slice_sweep")]
     for s in samples:
         head += [f"S{s} ours", f"S{s} paper", f"S{s} ours, all voxels"]
+        head += [f"S{s} {c.name}" for c in others]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     curve: dict[str, dict[int, float]] = {}
     for setup in sorted({int(r["setup"]) for r in sel}):
@@ -132,6 +186,7 @@ def _sweep_table(runs, paper) -> tuple[list[str], dict[str, dict[int, float]]]:
                 "–" if p is None else f"{p:.3f}",
                 _cell(all_vox.get((setup, s), [])),
             ]
+            row += [c.cell("slice_sweep", (key, str(s))) for c in others]
             if cells.get((setup, s)):
                 curve.setdefault(f"S{s}", {})[setup] = mean(cells[(setup, s)])
         lines.append("| " + " | ".join(row) + " |")
@@ -176,8 +231,9 @@ def _plot(curve: dict[str, dict[int, float]], paper: dict[str, Any], out: Path) 
     return out
 
 
-def build_report(paths: list[Path], out: Path) -> str:
+def build_report(paths: list[Path], out: Path, compare: list[Path] = ()) -> str:
     paper = paper_results()
+    others = [Comparison.read(p, paper["slice_sweep"]["setups"]) for p in compare]
     runs = load_runs(paths)
     if not runs:
         raise SystemExit(
@@ -190,6 +246,8 @@ def build_report(paths: list[Path], out: Path) -> str:
         "all voxels: IoU on every voxel of the dense ground truth.",
         "",
     ]
+    for c in others:
+        lines += [f"{c.name} (held-out): the same held-out voxels, from `{c.source}`.", ""]
     legacy = sum(1 for r in runs if r.get("_legacy_heldout"))
     if legacy:
         lines += [
@@ -203,8 +261,9 @@ def build_report(paths: list[Path], out: Path) -> str:
         paper["semi_cv"],
         "Table 1 — semi-automated segmentation, 3-fold cross-validation (IoU)",
         "test slices",
+        others,
     )
-    sweep, curve = _sweep_table(runs, paper["slice_sweep"])
+    sweep, curve = _sweep_table(runs, paper["slice_sweep"], others)
     lines += sweep
     plot = _plot(curve, paper["slice_sweep"], out.with_suffix(".png"))
     if plot is not None:
@@ -215,6 +274,7 @@ def build_report(paths: list[Path], out: Path) -> str:
         paper["full_auto"],
         "Table 3 — fully-automated segmentation, leave one volume out (IoU)",
         "test volume",
+        others,
     )
     text = "\n".join(lines)
     write_text_atomic(out, text)
@@ -229,9 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--out", type=Path, default=None, help="markdown file (default: <first>/report.md)"
     )
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="table files of experiments/rf_tables.py (tables_rf.md, tables_refine.md)",
+    )
     a = ap.parse_args(argv)
     out = a.out or (a.paths[0] / "report.md")
-    text = build_report(a.paths, out)
+    text = build_report(a.paths, out, a.compare)
     sys.stdout.write(text + f"\nwritten: {out}\n")
 
 

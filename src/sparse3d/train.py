@@ -73,6 +73,8 @@ def _save_config(cfg: DictConfig, job, path: Path) -> None:
 def _evaluate(cfg, job, trainer, run_dir, in_sync, seconds, wandb_logger) -> dict[str, Any]:
     """Whole-volume evaluation on this process (paper Sec. 4: IoU on the held-out slices), on
     the device training ran on; writes the outputs and ``metrics.json``."""
+    import torch
+
     from sparse3d import evaluation, experiment, fitting
     from sparse3d.outputs import write_run_outputs
 
@@ -104,6 +106,10 @@ def _evaluate(cfg, job, trainer, run_dir, in_sync, seconds, wandb_logger) -> dic
         "world_size": int(trainer.world_size),
         "ranks_in_sync": in_sync,
         "seconds": round(seconds, 1),
+        # what the time was measured on: a sweep's jobs side by side each get cores / n_jobs
+        "precision": str(trainer.precision),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **scores,  # heldout, heldout_all, all_voxels (see sparse3d.evaluation)
     }
     title = f"{metrics['experiment']} {metrics['model']}"

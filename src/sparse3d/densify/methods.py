@@ -192,11 +192,7 @@ def refine_class_weights(
     if kind is None:
         return None
     counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
-    w = np.asarray(balanced_class_weights(counts))
-    if kind == "sqrt":
-        w = np.sqrt(w)
-        w *= (w > 0).sum() / w.sum()
-    return tuple(float(v) for v in w)
+    return balanced_class_weights(counts, 0.5 if kind == "sqrt" else 1.0)
 
 
 def refining_network(
@@ -276,9 +272,18 @@ def refining_network(
     if hooks is not None:
         callbacks.append(ReportAndStop(hooks.progress, hooks.should_stop))
     fit = fit_refiner(
-        module, tiles, int(refine_cfg.batch_size), progress_bar=progress_bar, callbacks=callbacks
+        module,
+        tiles,
+        int(refine_cfg.batch_size),
+        progress_bar=progress_bar,
+        callbacks=callbacks,
+        precision=str(refine_cfg.get("precision", "fp32")),
     )
-    facts.update(steps=int(fit["steps"]), network_seconds=round(fit["seconds"], 1))
+    facts.update(
+        steps=int(fit["steps"]),
+        network_seconds=round(fit["seconds"], 1),
+        network_precision=fit["precision"],
+    )
     if hooks is not None:
         hooks.stage("prediction")
     net.eval()

@@ -118,15 +118,23 @@ def fit_refiner(
     accelerator: str = "auto",
     progress_bar: bool = True,
     callbacks: Sequence[L.Callback] = (),
-) -> dict[str, float]:
-    """Train ``module`` on ``tiles``; returns ``{"steps", "seconds"}``.
+    precision: str = "fp32",
+) -> dict[str, float | str]:
+    """Train ``module`` on ``tiles``; returns ``{"steps", "seconds", "precision"}``.
 
-    Stops after ``module.max_steps`` steps or ``module.time_budget_s`` seconds.
+    Stops after ``module.max_steps`` steps or ``module.time_budget_s`` seconds. ``precision``:
+    fp32, bf16 (mixed: bf16 convolutions, fp32 weights) or auto (bf16 where the training device
+    computes it natively; ``sparse3d.inference.precision``).
     """
+    from sparse3d.inference.precision import resolve_precision
+
     budget = module.time_budget_s
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    chosen = resolve_precision(precision, torch.device("cuda" if cuda else "cpu"))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
+        precision="bf16-mixed" if chosen == "bf16" else "32-true",
         max_steps=module.max_steps,
         max_time=None if budget is None else {"seconds": max(1, int(math.ceil(budget)))},
         logger=False,
@@ -140,4 +148,8 @@ def fit_refiner(
     t0 = time.perf_counter()
     module.net.to(memory_format=torch.channels_last_3d)
     trainer.fit(module, train_dataloaders=loader)
-    return {"steps": float(trainer.global_step), "seconds": time.perf_counter() - t0}
+    return {
+        "steps": float(trainer.global_step),
+        "seconds": time.perf_counter() - t0,
+        "precision": chosen,
+    }

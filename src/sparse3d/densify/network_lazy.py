@@ -238,9 +238,14 @@ def refine_network_blockwise(
     t0 = time.perf_counter()
     callbacks = [] if engine.progress else [ProgressLog()]  # step, loss, ETA lines when piped
     fit = fit_refiner(
-        module, tiles, opts.batch_size, progress_bar=engine.progress, callbacks=callbacks
+        module, tiles, opts.batch_size, progress_bar=engine.progress, callbacks=callbacks,
+        precision=opts.precision,
+    )  # fmt: skip
+    facts.update(
+        steps=int(fit["steps"]),
+        network_seconds=round(time.perf_counter() - t0, 1),
+        network_precision=fit["precision"],
     )
-    facts.update(steps=int(fit["steps"]), network_seconds=round(time.perf_counter() - t0, 1))
     net.eval()
     net_d = engine.share(net.cpu())
     halo_net = -(-(net.receptive_field // 2 + 1) // multiple) * multiple

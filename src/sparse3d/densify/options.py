@@ -113,6 +113,9 @@ class RefineOptions:
     tta: bool = False
     #: voxels predicted in one pass (larger volumes go in overlapping z slabs)
     max_voxels_per_pass: int = 8000000
+    #: the network's training arithmetic: fp32, bf16 (mixed) or auto (bf16 where the CPU or GPU
+    #: computes it natively: AVX-512 BF16, AMX, a CUDA GPU with bf16; fp32 elsewhere)
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -151,6 +154,8 @@ class RefineOptions:
             )
         if self.max_voxels_per_pass < 1:
             raise ValueError("refine.max_voxels_per_pass must be >= 1")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"refine.precision must be fp32, bf16 or auto, got {self.precision!r}")
 
 
 @dataclass
