@@ -162,7 +162,9 @@ def report(args) -> None:
     png = RESULTS / "convergence.png"
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    checkpoints = sorted({s for s in (120, 320, 480, 960, 2000, args.steps) if s <= args.steps})
+    checkpoints = sorted(
+        {s for s in (160, 320, 480, 960, 1440, 2000, args.steps) if s <= args.steps}
+    )
     head = "| curve |" + "".join(f" step {s} |" for s in checkpoints)
     head += " best (step) | final | final per class | train s | eval s (share) |"
     lines = [head, "|---" * (len(checkpoints) + 6) + "|"]
