@@ -132,7 +132,7 @@ def test_ddp_config_does_not_sync_batchnorm_by_default():
     """The paper normalises each GPU's tile by itself; synchronising is opt-in."""
     from sparse3d.fitting import trainer_extras as _trainer_extras
 
-    cfg = _compose(["trainer=ddp"])
+    cfg = _compose(["trainer=ddp", "trainer.precision=32-true"])
     assert cfg.trainer.sync_batchnorm is False and _trainer_extras(cfg.trainer) == {}
 
 
@@ -282,10 +282,11 @@ def test_deterministic_true_becomes_warn_on_cuda(monkeypatch, cuda, want):
     from sparse3d.fitting import trainer_extras as _trainer_extras
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    cfg = _compose(["trainer.deterministic=true"])
+    fp32 = "trainer.precision=32-true"  # (auto, preset=cpu's, is resolved here too)
+    cfg = _compose(["trainer.deterministic=true", fp32])
     extras = _trainer_extras(cfg.trainer)
     assert extras.get("deterministic", cfg.trainer.deterministic) == want
-    assert _trainer_extras(_compose([]).trainer) == {}  # the default: nothing to replace
+    assert _trainer_extras(_compose([fp32]).trainer) == {}  # the default: nothing to replace
 
 
 # -- 6 and 7: evaluation counts each volume once under DDP; training loader options -------------

@@ -59,8 +59,8 @@ def test_unet_figures_are_quoted_from_the_results_files():
     assert len(q) == 3 + 12 + 3
     assert q[(1, (1,))] == (0.6989, 0.7132)  # semi_cv/unet3d-cpu/fold1, "after"
     assert q[(3, (3,))] == (0.5215, 0.5136)  # full_auto/unet3d-cpu/fold3
-    assert q[(2, (1, 3))] == (0.426, 0.378)  # (1,1,1) slices, sample 3
-    assert q[(2, (4, 2))] == (0.655, 0.650)  # (5,5,3) slices, sample 2
+    assert q[(2, (1, 3))] == (0.807, 0.797)  # (1,1,1) slices, sample 3
+    assert q[(2, (4, 2))] == (0.858, 0.851)  # (5,5,3) slices, sample 2
 
 
 def test_table_lines_rows_and_average():
