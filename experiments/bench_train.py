@@ -179,7 +179,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile (child process)")
     ap.add_argument("--compile-timeout", type=float, default=900.0)
     ap.add_argument("--worker-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="file, or folder for bench_train.md")
     args = ap.parse_args()
     if args.worker_compile:
         compile_worker(args)
@@ -237,7 +237,8 @@ includes the compilation).
 
     {cmd}
 """
-    write_text_atomic(args.out, text)
+    out = args.out / RESULTS.name if args.out.is_dir() else args.out
+    write_text_atomic(out, text)
     print(text)
 
 
