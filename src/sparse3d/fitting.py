@@ -157,10 +157,9 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def uses_cuda(trainer_cfg: DictConfig) -> bool:
-    import torch
+    from sparse3d.inference.precision import training_device
 
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return training_device(str(trainer_cfg.get("accelerator", "auto"))).type == "cuda"
 
 
 def training_precision(trainer_cfg: DictConfig) -> str:

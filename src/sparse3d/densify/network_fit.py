@@ -126,11 +126,10 @@ def fit_refiner(
     fp32, bf16 (mixed: bf16 convolutions, fp32 weights) or auto (bf16 where the training device
     computes it natively; ``sparse3d.inference.precision``).
     """
-    from sparse3d.inference.precision import resolve_precision
+    from sparse3d.inference.precision import resolve_precision, training_device
 
     budget = module.time_budget_s
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    chosen = resolve_precision(precision, torch.device("cuda" if cuda else "cpu"))
+    chosen = resolve_precision(precision, training_device(accelerator))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

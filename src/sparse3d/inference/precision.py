@@ -51,6 +51,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def training_device(accelerator: str) -> torch.device:
+    """The device a Lightning ``accelerator`` (auto, cpu, gpu, cuda) trains on."""
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` where native (see module doc), else ``"fp32"``."""
     if precision not in PRECISIONS:
