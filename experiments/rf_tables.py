@@ -13,8 +13,7 @@ network's volumes, training slices and held-out voxels; confusions are pooled as
   with that volume's own training slices, as a user densifies one volume (the semi-automated
   Tables 1 and 2 only: Table 3's test volumes have no annotated slice).
 
-The 3D U-Net figures are quoted from ``experiments/results/refactor_check.md`` and
-``tables_cpu.md``.
+The 3D U-Net figures are quoted from ``experiments/results/tables_cpu.md``.
 
     python experiments/rf_tables.py [--method rf|refine] [--tables 1,2,3] [--out FILE]
 """
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 import time
@@ -157,29 +155,26 @@ def feature_cache(sigmas: Sequence[float]) -> Callable[..., np.ndarray]:
 
 
 # -- the 3D U-Net figures, quoted from the results files ---------------------------------------
-def unet_quotes(refactor_md: str, tables_md: str, setups: Mapping[str, str]) -> dict:
-    """``{(table, key): (held-out, all voxels)}`` of the 3D U-Net with BN: Tables 1 and 3 from
-    ``refactor_check.md`` (the "after" columns), Table 2 from ``tables_cpu.md``."""
+def unet_quotes(tables_md: str, setups: Mapping[str, str]) -> dict:
+    """``{(table, key): (held-out, all voxels)}`` of the 3D U-Net with BN at ``preset=cpu``, all
+    three tables quoted from ``tables_cpu.md`` (Table 2's held-out includes the crossings)."""
     out: dict[tuple[int, Key], tuple[float, float]] = {}
-    for rows in md_tables(refactor_md):
-        if rows[0][:5] != ["run", "held-out IoU before", "after", "all voxels before", "after"]:
-            continue
-        for cells in rows[1:]:
-            m = re.fullmatch(r"(semi_cv|full_auto)/unet3d-cpu/fold(\d)-seed0", cells[0])
-            if m:
-                table = 1 if m[1] == "semi_cv" else 3
-                out[(table, (int(m[2]),))] = (float(cells[2]), float(cells[4]))
     setup_of = {label: int(k) for k, label in setups.items()}
     for rows in md_tables(tables_md):
         head = rows[0]
-        if head[0] != "GT slices":
-            continue
-        for cells in rows[1:]:
-            for s in (1, 2, 3):
-                ours, every = (
-                    float(cells[head.index(f"S{s} ours{t}")]) for t in ("", ", all voxels")
-                )
-                out[(2, (setup_of[cells[0]], s))] = (ours, every)
+        if head[0] in ("test slices", "test volume"):
+            table = 1 if head[0] == "test slices" else 3
+            ours, every = head.index("3D with BN ours"), head.index("3D with BN ours, all voxels")
+            for cells in rows[1:]:
+                if cells[0].isdigit():
+                    out[(table, (int(cells[0]),))] = (float(cells[ours]), float(cells[every]))
+        elif head[0] == "GT slices":
+            for cells in rows[1:]:
+                for s in (1, 2, 3):
+                    ours, every = (
+                        float(cells[head.index(f"S{s} ours{t}")]) for t in ("", ", all voxels")
+                    )
+                    out[(2, (setup_of[cells[0]], s))] = (ours, every)
     return out
 
 
@@ -264,7 +259,6 @@ def main(argv: list[str] | None = None) -> None:
     name = "RF" if args.method == "rf" else "refine"
     paper = paper_results()
     unet = unet_quotes(
-        (RESULTS / "refactor_check.md").read_text(),
         (RESULTS / "tables_cpu.md").read_text(),
         paper["slice_sweep"]["setups"],
     )
@@ -303,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         f"> - {learner} Settings of `sparse3d/densify/options.py`: {blocks}.",
         "> - Held-out: test slices less their crossings with training slices (the paper's); incl. "
         "crossings: all of the test slices; all voxels: the dense truth. 3D with BN ours "
-        "(`preset=cpu`) is quoted: Tables 1, 3 from `experiments/results/refactor_check.md` "
-        '("after"), Table 2 from `experiments/results/tables_cpu.md` (held-out incl. crossings).',
+        "(`preset=cpu`) is quoted from `experiments/results/tables_cpu.md` (Table 2: held-out "
+        "incl. crossings).",
         "",
     ]
     text = "\n".join(header + body)

@@ -52,13 +52,12 @@ def test_pooled_scores_pool_confusions_over_volumes_not_iou():
 def test_unet_figures_are_quoted_from_the_results_files():
     res = ROOT / "experiments" / "results"
     q = rt.unet_quotes(
-        (res / "refactor_check.md").read_text(),
         (res / "tables_cpu.md").read_text(),
         paper_results()["slice_sweep"]["setups"],
     )
     assert len(q) == 3 + 12 + 3
-    assert q[(1, (1,))] == (0.6989, 0.7132)  # semi_cv/unet3d-cpu/fold1, "after"
-    assert q[(3, (3,))] == (0.5215, 0.5136)  # full_auto/unet3d-cpu/fold3
+    assert q[(1, (1,))] == (0.856, 0.853)  # Table 1, test slices 1
+    assert q[(3, (3,))] == (0.739, 0.730)  # Table 3, test volume 3
     assert q[(2, (1, 3))] == (0.807, 0.797)  # (1,1,1) slices, sample 3
     assert q[(2, (4, 2))] == (0.858, 0.851)  # (5,5,3) slices, sample 2
 
