@@ -10,8 +10,9 @@ so that every ratio compares steps measured under the same machine load:
   ``bf16-mixed`` does (weights and optimiser in float32);
 * ``channels-last``: the network and the input in ``torch.channels_last_3d`` memory layout, fp32;
 * ``channels-last+bf16``: both;
-* ``compile``: ``torch.compile`` of the network, fp32 (with ``--compile``; in a child process
-  with a time limit, which times eager fp32 beside it for its own ratio).
+* ``compile``, ``compile+channels-last``, ``compile+channels-last+bf16``: ``torch.compile`` of
+  the network (with ``--compile``; in a child process with a time limit, which times the eager
+  configurations beside them; bf16 only where the CPU computes it natively).
 
 GFLOP/s: floating-point operations of one step (forward and backward, counted by
 ``torch.utils.flop_counter``) per second. The CPU's capability and bf16 flags are printed.
@@ -74,7 +75,7 @@ class Step:
         torch.manual_seed(seed)
         self.net = UNet(3, 3, base_channels=8, depth=3, norm=norm)
         self.bf16 = "bf16" in config
-        fmt = torch.channels_last_3d if config.startswith("channels-last") else None
+        fmt = torch.channels_last_3d if "channels-last" in config else None
         tile = (68, 84, 84)
         out = self.net.output_shape(tile)
         g = torch.Generator().manual_seed(seed)
@@ -83,7 +84,7 @@ class Step:
         if fmt is not None:
             self.net = self.net.to(memory_format=fmt)
             self.x = self.x.contiguous(memory_format=fmt)
-        self.model = torch.compile(self.net) if config == "compile" else self.net
+        self.model = torch.compile(self.net) if config.startswith("compile") else self.net
         self.loss = MaskedCrossEntropy(3, 3, [2.4, 0.55, 0.05])
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
 
@@ -131,9 +132,16 @@ def measure(configs, args) -> dict:
     return {"times": times, "cpu": cpu, "warmup": t_warm, "flops": steps[configs[0]].flops()}
 
 
+def compile_configs() -> tuple[str, ...]:
+    """Eager and compiled side by side: fp32, channels-last, and (where the CPU computes bf16
+    natively) channels-last+bf16, the layout and precision ``preset=cpu`` trains in."""
+    eager = ["fp32", "channels-last"] + (["channels-last+bf16"] if cpu_has_native_bf16() else [])
+    return tuple(x for c in eager for x in (c, "compile" if c == "fp32" else f"compile+{c}"))
+
+
 def compile_worker(args) -> None:
     torch.set_num_threads(args.threads)
-    out = measure(("fp32", "compile"), args)
+    out = measure(compile_configs(), args)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -211,9 +219,8 @@ def main() -> None:
         )
     if comp is not None and "times" in comp:
         for c, wall, r_wall, cpu, r_cpu, gf in _ratio_rows(comp, "fp32"):
-            name = "torch.compile, fp32" if c == "compile" else "eager fp32"
             lines.append(
-                f"| {name} (compile process) | {wall:.3f} | {r_wall:.2f}x | {cpu:.3f} | "
+                f"| {c} (compile process) | {wall:.3f} | {r_wall:.2f}x | {cpu:.3f} | "
                 f"{r_cpu:.2f}x | {gf:.1f} | {comp['warmup'][c]:.1f} |"
             )
     elif comp is not None:
@@ -230,8 +237,8 @@ alternating rounds, median of {args.steps} steps per configuration and round, af
 {args.warmup} warm-up steps. One step: {res["flops"] / 1e9:.1f} GFLOP (forward + backward).
 Speeds are medians of per-round ratios; the CPU-time columns (`time.process_time()`, this
 process's threads) are the fair comparison on a busy machine, wall time is what a user waits.
-The compile row comes from a child process that times eager fp32 beside it (its warm-up
-includes the compilation).
+The compile rows come from a child process that times the eager configurations beside them,
+speeds against that process's own fp32 (their warm-up includes the compilation).
 
 {chr(10).join(lines)}
 
