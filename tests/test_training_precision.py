@@ -96,3 +96,64 @@ def test_channels_last_training_step_is_the_same_arithmetic(monkeypatch):
         losses[cl], grads[cl] = loss.detach(), conv.grad.detach().contiguous()
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+def _compiled_module(compile_net: bool):
+    from sparse3d.losses import MaskedCrossEntropy
+    from sparse3d.models import UNet
+    from sparse3d.module import SegmentationModule
+
+    torch.manual_seed(0)
+    return SegmentationModule(
+        net=UNet(2, 3, base_channels=2, depth=1),
+        loss=MaskedCrossEntropy(3, 3),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        scheduler=None,
+        ignore_index=3,
+        model_meta={},
+        compile=compile_net,
+    )
+
+
+@pytest.mark.skipif(
+    not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on a CPU needs a C++ compiler",
+)
+def test_compiled_training_step_matches_eager_and_keeps_plain_keys(monkeypatch):
+    monkeypatch.setattr("lightning.pytorch.core.module.LightningModule.log", lambda *a, **k: None)
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(1, 2, 12, 12, 12, generator=g)}
+    out = _compiled_module(False).net.output_shape((12, 12, 12))
+    batch["label"] = torch.randint(0, 4, (1, *out), generator=g)
+    from torch._dynamo.utils import counters
+
+    losses, grads, compiled, graphs = {}, {}, {}, {}
+    for c in (False, True):
+        m = _compiled_module(c)
+        m.on_fit_start()
+        counters.clear()
+        loss = m.training_step(batch, 0)
+        graphs[c] = counters["stats"]["unique_graphs"]  # graphs captured by this step
+        loss.backward()
+        losses[c], grads[c] = loss.detach(), m.net.head.weight.grad.detach()
+        compiled[c] = m.__dict__["_train_net"] is not m.net
+        assert not any("_orig_mod" in k for k in m.state_dict())  # the checkpoint's keys
+    assert compiled == {False: False, True: True}
+    assert graphs[False] == 0 and graphs[True] >= 1  # the step ran through the compiled network
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-3, atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch):
+    from sparse3d.cli import UserError
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["preset=smoke", "compile=true"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="compile=true needs a C"):
+        fitting.check_compile(cfg)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/g++")
+    fitting.check_compile(cfg)  # a compiler: no complaint

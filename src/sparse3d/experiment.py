@@ -289,6 +289,7 @@ def build(cfg: DictConfig) -> Job:
         ignore_index=labels.ignore_index,
         model_meta=model_meta,
         channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
     )
     return Job(facts, split, net_cfg, dm, module, weights, model_meta)
 

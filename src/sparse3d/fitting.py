@@ -156,6 +156,21 @@ def check_launch(cfg: DictConfig) -> None:
     check_ddp_launch(cfg.trainer, str(hc.mode), str(hc.launcher.get("_target_", "")))
 
 
+def check_compile(cfg: DictConfig) -> None:
+    """``compile=true`` on a CPU needs a C++ compiler (torch.compile builds its kernels with one):
+    say so in one line before any work instead of failing at the first step."""
+    import shutil
+
+    if not cfg.get("compile", False) or uses_cuda(cfg.trainer):
+        return
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(n and shutil.which(n) for n in names):
+        raise UserError(
+            "compile=true needs a C++ compiler on a CPU (g++, c++ or clang++ on PATH, or $CXX): "
+            "install one or train with compile=false"
+        )
+
+
 def uses_cuda(trainer_cfg: DictConfig) -> bool:
     from sparse3d.inference.precision import training_device
 

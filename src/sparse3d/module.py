@@ -32,6 +32,9 @@ class SegmentationModule(L.LightningModule):
         channels_last: train a 3D network in ``torch.channels_last_3d`` memory layout (weights
             and input tiles; the same arithmetic, faster convolution kernels on CPUs, see
             ``experiments/bench_train.py``). Ignored for 2D networks.
+        compile: run the training steps through ``torch.compile`` of the network (the same
+            weights; evaluation and the checkpoint use the plain network). The first step
+            compiles (tens of seconds); it pays on long runs (``experiments/bench_train.py``).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class SegmentationModule(L.LightningModule):
         ignore_index: int,
         model_meta: dict[str, Any],
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"model_meta": model_meta})
@@ -55,10 +59,16 @@ class SegmentationModule(L.LightningModule):
         self.memory_format = (
             torch.channels_last_3d if channels_last and net.dim == 3 else torch.contiguous_format
         )
+        self.compile_net = bool(compile)
+        # the compiled wrapper shares self.net's parameters; kept outside the module tree so
+        # that state dicts and checkpoints hold the plain network's keys
+        self.__dict__["_train_net"] = net
 
     def on_fit_start(self) -> None:
         if self.memory_format is not torch.contiguous_format:
             self.net.to(memory_format=self.memory_format)
+        if self.compile_net and self.__dict__["_train_net"] is self.net:
+            self.__dict__["_train_net"] = torch.compile(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -66,7 +76,7 @@ class SegmentationModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["image"].contiguous(memory_format=self.memory_format)
-        logits = self.net(x)  # (B, K, *out)
+        logits = self.__dict__["_train_net"](x)  # (B, K, *out)
         loss = self.loss(logits, batch["label"])
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

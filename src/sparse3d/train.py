@@ -31,6 +31,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     quiet_lightning()
     fitting.check_launch(cfg)
+    fitting.check_compile(cfg)
     run_dir = Path(run_dir)
     done = read_metrics(run_dir)
     if done is not None and not cfg.force and cfg.ckpt_path is None:
