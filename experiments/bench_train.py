@@ -42,6 +42,8 @@ from sparse3d.models import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.md"
 CONFIGS = ("fp32", "bf16-mixed", "channels-last", "channels-last+bf16")
+#: the same network's inference (forward only, eval mode, no gradient) beside training
+INFER = ("inference fp32", "inference channels-last+bf16")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -75,6 +77,7 @@ class Step:
         torch.manual_seed(seed)
         self.net = UNet(3, 3, base_channels=8, depth=3, norm=norm)
         self.bf16 = "bf16" in config
+        self.infer = config.startswith("inference")
         fmt = torch.channels_last_3d if "channels-last" in config else None
         tile = (68, 84, 84)
         out = self.net.output_shape(tile)
@@ -87,11 +90,17 @@ class Step:
         self.model = torch.compile(self.net) if config.startswith("compile") else self.net
         self.loss = MaskedCrossEntropy(3, 3, [2.4, 0.55, 0.05])
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        if self.infer:
+            self.net.eval()
 
     def __call__(self) -> tuple[float, float]:
         """``(wall seconds, CPU seconds of this process)`` of one step."""
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         t0, c0 = time.perf_counter(), time.process_time()
+        if self.infer:
+            with torch.no_grad(), ctx:
+                self.model(self.x)
+            return time.perf_counter() - t0, time.process_time() - c0
         self.opt.zero_grad(set_to_none=True)
         with ctx:
             loss = self.loss(self.model(self.x), self.y)
@@ -103,6 +112,10 @@ class Step:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
+        if self.infer:
+            with counter, torch.no_grad():
+                self.net(self.x)
+            return int(counter.get_total_flops())
         with counter:
             self.loss(self.net(self.x), self.y).backward()
         self.opt.zero_grad(set_to_none=True)
@@ -129,18 +142,27 @@ def measure(configs, args) -> dict:
             cpu[c].append(statistics.median(used))
         print(f"  round {r + 1}: " + ", ".join(f"{c} {times[c][-1]:.3f} s ({cpu[c][-1]:.3f} "
               "CPU s)" for c in configs), flush=True)  # fmt: skip
-    return {"times": times, "cpu": cpu, "warmup": t_warm, "flops": steps[configs[0]].flops()}
+    flops = {c: s.flops() for c, s in steps.items()}
+    return {"times": times, "cpu": cpu, "warmup": t_warm, "flops": flops}
 
 
 def compile_configs() -> tuple[str, ...]:
     """Eager and compiled side by side: fp32, channels-last, and (where the CPU computes bf16
     natively) channels-last+bf16, the layout and precision ``preset=cpu`` trains in."""
-    eager = ["fp32", "channels-last"] + (["channels-last+bf16"] if cpu_has_native_bf16() else [])
+    bf16 = cpu_has_native_bf16() and torch.backends.cpu.get_cpu_capability() != "AVX2"
+    eager = ["fp32", "channels-last"] + (["channels-last+bf16"] if bf16 else [])
     return tuple(x for c in eager for x in (c, "compile" if c == "fp32" else f"compile+{c}"))
 
 
 def compile_worker(args) -> None:
     torch.set_num_threads(args.threads)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        # ATen restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2 on a bigger CPU): compiled kernels
+        # must use AVX2's 256-bit vectors too, as they do on an AVX2-only CPU by themselves
+        # (AVX-512 code beside ATen's AVX2 kernels crashes)
+        import torch._inductor.config as inductor
+
+        inductor.cpp.simdlen = 256
     out = measure(compile_configs(), args)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -172,7 +194,7 @@ def _ratio_rows(res: dict, base: str) -> list[tuple]:
             ratios = [b / t for b, t in zip(bs, ts, strict=True)]
             speed.append((statistics.median(ts), statistics.median(ratios)))
         (wall, r_wall), (cpu, r_cpu) = speed
-        rows.append((c, wall, r_wall, cpu, r_cpu, res["flops"] / cpu / 1e9))
+        rows.append((c, wall, r_wall, cpu, r_cpu, res["flops"][c] / cpu / 1e9))
     return rows
 
 
@@ -204,7 +226,7 @@ def main() -> None:
     )
     print(head, flush=True)
     load0 = os.getloadavg()[0]
-    res = measure(CONFIGS, args)
+    res = measure(CONFIGS + INFER, args)
     comp = run_compile(args) if args.compile else None
     load1 = os.getloadavg()[0]
     lines = [
@@ -234,7 +256,9 @@ def main() -> None:
 One `preset=cpu` training step: 3D U-Net (norm={args.norm}, 8 base channels, depth 3), batch of
 {args.batch} tiles 68 x 84 x 84 -> 28 x 44 x 44, masked weighted cross-entropy, Adam. {args.rounds}
 alternating rounds, median of {args.steps} steps per configuration and round, after
-{args.warmup} warm-up steps. One step: {res["flops"] / 1e9:.1f} GFLOP (forward + backward).
+{args.warmup} warm-up steps. One step: {res["flops"]["fp32"] / 1e9:.1f} GFLOP (forward + backward).
+The inference rows time the same network's forward pass of the same batch (eval mode, no
+gradient; {res["flops"][INFER[0]] / 1e9:.1f} GFLOP), so training and inference GFLOP/s compare.
 Speeds are medians of per-round ratios; the CPU-time columns (`time.process_time()`, this
 process's threads) are the fair comparison on a busy machine, wall time is what a user waits.
 The compile rows come from a child process that times the eager configurations beside them,
