@@ -275,6 +275,21 @@ def test_ddp_two_cpu_processes_train_one_model(smoke_data, tmp_path):
     assert m["world_size"] == 2 and m["ranks_in_sync"] is True
 
 
+def test_training_leaves_the_process_group(tmp_path):
+    """After training every rank leaves the group (a rank exiting with it alive can abort and
+    take the first rank down with it); with no group it does nothing."""
+    import torch.distributed as dist
+
+    from sparse3d import fitting
+
+    fitting.leave_process_group()  # no group: no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    fitting.leave_process_group()
+    assert not dist.is_initialized()
+
+
 def test_wheel_ships_the_config_tree(tmp_path):
     """A non-editable install finds conf/ inside the package (setup.py copies it there)."""
     pytest.importorskip("setuptools")

@@ -237,6 +237,18 @@ def ranks_in_sync(trainer, module) -> bool:
     )
 
 
+def leave_process_group() -> None:
+    """Every process leaves the default process group together after training (a barrier, then
+    destroy). A process that exits with its group still alive can abort at interpreter shutdown
+    (``terminate called without an active exception``); Lightning's launcher then kills every
+    process, the first one in the middle of its evaluation. No group: nothing to do."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def progress_bar(trainer_cfg: DictConfig) -> bool:
     """Lightning's progress bar only where stdout (where it draws) is a terminal, unless the
     trainer config chooses (``trainer.enable_progress_bar``); without it, log lines."""

@@ -51,6 +51,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             job.module, datamodule=job.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
         )
         in_sync = fitting.ranks_in_sync(trainer, job.module)
+        fitting.leave_process_group()  # the other ranks exit now; the first evaluates alone
         seconds = time.perf_counter() - t0
         if not trainer.is_global_zero:
             return {}

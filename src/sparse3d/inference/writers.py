@@ -199,7 +199,7 @@ def write_overview(
     pred = np.asarray(prediction[sub])
     vs = None if voxel_size_zyx_um is None else tuple(v * s for v in voxel_size_zyx_um)
     if s > 1:
-        title = f"{title} (every {s}th voxel)"
+        title = f"{title} (one voxel in {s} along each axis)"
     return save_overview(
         path,
         img,
