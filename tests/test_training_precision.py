@@ -60,13 +60,13 @@ def test_trainer_is_built_with_the_chosen_precision(monkeypatch, tmp_path, nativ
 
 
 # -- channels-last training ---------------------------------------------------------------------
-def _module(channels_last: bool):
+def _module(channels_last: bool = False, compile_net: bool = False, depth: int = 2):
     from sparse3d.losses import MaskedCrossEntropy
     from sparse3d.models import UNet
     from sparse3d.module import SegmentationModule
 
     torch.manual_seed(0)
-    net = UNet(2, 3, base_channels=2, depth=2)
+    net = UNet(2, 3, base_channels=2, depth=depth)
     return SegmentationModule(
         net=net,
         loss=MaskedCrossEntropy(3, 3),
@@ -75,6 +75,7 @@ def _module(channels_last: bool):
         ignore_index=3,
         model_meta={},
         channels_last=channels_last,
+        compile=compile_net,
     )
 
 
@@ -99,23 +100,6 @@ def test_channels_last_training_step_is_the_same_arithmetic(monkeypatch):
 
 
 # -- torch.compile ------------------------------------------------------------------------------
-def _compiled_module(compile_net: bool):
-    from sparse3d.losses import MaskedCrossEntropy
-    from sparse3d.models import UNet
-    from sparse3d.module import SegmentationModule
-
-    torch.manual_seed(0)
-    return SegmentationModule(
-        net=UNet(2, 3, base_channels=2, depth=1),
-        loss=MaskedCrossEntropy(3, 3),
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        scheduler=None,
-        ignore_index=3,
-        model_meta={},
-        compile=compile_net,
-    )
-
-
 @pytest.mark.skipif(
     not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
     reason="torch.compile on a CPU needs a C++ compiler",
@@ -124,13 +108,13 @@ def test_compiled_training_step_matches_eager_and_keeps_plain_keys(monkeypatch):
     monkeypatch.setattr("lightning.pytorch.core.module.LightningModule.log", lambda *a, **k: None)
     g = torch.Generator().manual_seed(1)
     batch = {"image": torch.randn(1, 2, 12, 12, 12, generator=g)}
-    out = _compiled_module(False).net.output_shape((12, 12, 12))
+    out = _module(depth=1).net.output_shape((12, 12, 12))
     batch["label"] = torch.randint(0, 4, (1, *out), generator=g)
     from torch._dynamo.utils import counters
 
     losses, grads, compiled, graphs = {}, {}, {}, {}
     for c in (False, True):
-        m = _compiled_module(c)
+        m = _module(compile_net=c, depth=1)
         m.on_fit_start()
         counters.clear()
         loss = m.training_step(batch, 0)
