@@ -316,3 +316,34 @@ def test_cluster_address_attaches_to_a_running_scheduler(volume, tmp_path):
     feats = voxel_features(image, VOXEL, SIGMAS)
     expected = _forest(12).fit(feats, label).predict_proba(feats).argmax(0)
     np.testing.assert_array_equal(_labels(tmp_path / "remote" / "vol_seg.h5"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["block=[16,32,32]", "in_memory=true"])
+def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_path, monkeypatch, path):
+    """``refine.precision=bf16``: both paths hand the trained precision to the prediction, and
+    densify.json records it."""
+    import sparse3d.densify.methods as methods
+    import sparse3d.densify.network_lazy as network_lazy
+
+    seen = []
+
+    def spy(original):
+        def predict(*args, **kwargs):
+            seen.append(kwargs.get("precision", args[6] if len(args) > 6 else "fp32"))
+            return original(*args, **kwargs)
+
+        return predict
+
+    import sparse3d.densify.network as network
+
+    monkeypatch.setattr(network_lazy, "predict_same_padded", spy(network.predict_same_padded))
+    monkeypatch.setattr(network, "predict_same_padded", spy(network.predict_same_padded))
+    assert methods  # the in-memory path imports predict_same_padded from .network when it runs
+    facts = densify(_cfg(
+        tmp_path / "b", volume, "method=refine", "refine.max_steps=2", "refine.fold_trees=4",
+        "refine.input_tile=[16,32,32]", "refine.batch_size=1", "refine.precision=bf16",
+        "cluster.kind=threads", path,
+    ))  # fmt: skip
+    assert seen and set(seen) == {"bf16"}
+    assert facts["steps"]["vol"]["network_precision"] == "bf16"

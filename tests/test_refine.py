@@ -318,3 +318,21 @@ def test_refiner_trains_in_the_chosen_precision(precision, dtype):
     assert fit["precision"] == precision and fit["steps"] == 2
     assert seen and set(seen) == {dtype}
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_prediction_runs_in_the_precision_the_network_trained_in():
+    """``precision="bf16"``: the convolutions run under bf16 autocast (the head's output is
+    bf16), the softmax comes back float32 and close to, but not bit-equal to, the fp32 pass."""
+    torch.manual_seed(0)
+    net = UNet(2, 3, base_channels=4, depth=2, padding="same", norm="batch").eval()
+    image = np.random.default_rng(2).random((2, 8, 12, 10), dtype=np.float32)
+    seen = []
+    net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    kw = {"multiple": 2, "halo": net.receptive_field, "max_voxels": 10**9}
+    fp32 = predict_same_padded(net, image, **kw)
+    bf16 = predict_same_padded(net, image, precision="bf16", **kw)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert fp32.dtype == bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16.sum(0), 1.0, atol=1e-5)
+    diff = np.abs(bf16 - fp32).max()
+    assert 0 < diff < 0.05

@@ -295,6 +295,7 @@ def refining_network(
         halo=net.receptive_field,
         max_voxels=int(refine_cfg.max_voxels_per_pass),
         flips=flips,
+        precision=str(fit["precision"]),
     )
 
 

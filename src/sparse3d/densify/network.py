@@ -206,6 +206,7 @@ def predict_same_padded(
     halo: int,
     max_voxels: int,
     flips: Sequence[Sequence[int]] = ((),),
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Softmax ``(K, Z, Y, X)`` float32 of a same-padded network over ``image (C, Z, Y, X)``.
 
@@ -214,8 +215,11 @@ def predict_same_padded(
     to the pooling factor) on each side; only each slab's centre is kept, which equals the
     one-pass result when ``halo`` covers the network's receptive field. ``flips``: the image
     axes flipped in each pass (test-time augmentation, e.g. :data:`TTA_FLIPS`); the softmax
-    volumes, flipped back, are averaged.
+    volumes, flipped back, are averaged. ``precision``: fp32, or bf16 (convolutions under bf16
+    autocast, as the network trained with ``refine.precision`` bf16; the softmax in float32).
     """
+    from sparse3d.inference.precision import autocast_context
+
     dev = next(net.parameters()).device
     c, z, y, x = image.shape
 
@@ -226,7 +230,9 @@ def predict_same_padded(
         )
         t = torch.from_numpy(np.ascontiguousarray(padded))[None].to(dev)
         t = t.contiguous(memory_format=torch.channels_last_3d)
-        prob = torch.softmax(net(t)[0].float(), 0).cpu().numpy()
+        with autocast_context(dev, precision):
+            logits = net(t)[0]
+        prob = torch.softmax(logits.float(), 0).cpu().numpy()
         return prob[:, : block.shape[1], : block.shape[2], : block.shape[3]]
 
     def run(block: np.ndarray) -> np.ndarray:

@@ -136,16 +136,19 @@ class StoreTiles(PlaneTiles):
 
 
 def _predict_block(image_ext, cross_ext, full_core, ext, core, net, multiple, pct, weight,
-                   flips, threads, sink, halo=0, max_voxels=1 << 62) -> int:  # fmt: skip
+                   flips, threads, sink, halo=0, max_voxels=1 << 62,
+                   precision="fp32") -> int:  # fmt: skip
     """The network's softmax over the grown block (in z slabs overlapping by ``halo`` beyond
-    ``max_voxels``), its core averaged with the forests'."""
+    ``max_voxels``; convolutions in ``precision``), its core averaged with the forests'."""
     from sparse3d.data.normalize import apply_percentiles
 
     x = np.concatenate([apply_percentiles(np.asarray(image_ext), pct), np.asarray(cross_ext)])
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:  # blocks running as threads of the caller's process must not leave it at one thread
-        prob = predict_same_padded(net, x.astype(np.float32), multiple, halo, max_voxels, flips)
+        prob = predict_same_padded(
+            net, x.astype(np.float32), multiple, halo, max_voxels, flips, precision
+        )
     finally:
         torch.set_num_threads(before)
     crop = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext, strict=True))
@@ -271,6 +274,7 @@ def refine_network_blockwise(
                 out,
                 halo_net,
                 max_voxels,
+                str(fit["precision"]),
             )  # fmt: skip
         )
     t1 = time.perf_counter()
