@@ -347,3 +347,28 @@ def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_pat
     ))  # fmt: skip
     assert seen and set(seen) == {"bf16"}
     assert facts["steps"]["vol"]["network_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_local_workers_neither_spill_nor_pause_but_keep_the_terminate_guard():
+    """A block's arrays are task memory that spilling cannot move: the local cluster's workers
+    do not spill, warn or pause over it (a paused worker would wait on its own block), and the
+    nanny still ends a worker past 95 % of its limit."""
+    from sparse3d.densify.engine import open_client
+
+    client, close = open_client("local", 1, 1 << 30, dashboard=False)
+    try:
+        fractions = client.run(
+            lambda dask_worker: (
+                dask_worker.memory_manager.memory_target_fraction,
+                dask_worker.memory_manager.memory_spill_fraction,
+                dask_worker.memory_manager.memory_pause_fraction,
+            )
+        )
+        terminate = client.run(
+            lambda dask_worker: dask_worker.memory_manager.memory_terminate_fraction, nanny=True
+        )
+    finally:
+        close()
+    assert list(fractions.values()) == [(False, False, False)]
+    assert list(terminate.values()) == [0.95]

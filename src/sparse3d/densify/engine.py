@@ -193,13 +193,21 @@ def open_client(
         cluster = SLURMCluster(**(slurm or {}))
         cluster.scale(jobs=n_workers)
     elif kind == "local":
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=int(memory_per_worker),
-            dashboard_address=":0" if dashboard else None,
-        )
+        import dask
+
+        # A block's arrays live inside its task, where dask counts them as "unmanaged" memory:
+        # spilling has nothing to move, its warning ("may indicate a memory leak") only alarms,
+        # and a paused worker would wait for memory that the block still holds. The plan
+        # sizes blocks to the share; the nanny's terminate threshold stays as the last guard.
+        quiet = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause")}
+        with dask.config.set(quiet):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=int(memory_per_worker),
+                dashboard_address=":0" if dashboard else None,
+            )
     else:
         raise ValueError(f"unknown cluster kind {kind!r}")
     client = Client(cluster)
