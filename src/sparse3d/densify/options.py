@@ -113,8 +113,9 @@ class RefineOptions:
     tta: bool = False
     #: voxels predicted in one pass (larger volumes go in overlapping z slabs)
     max_voxels_per_pass: int = 8000000
-    #: the network's training arithmetic: fp32, bf16 (mixed) or auto (bf16 where the CPU or GPU
-    #: computes it natively: AVX-512 BF16, AMX, a CUDA GPU with bf16; fp32 elsewhere)
+    #: the network's arithmetic, in training and prediction: fp32, bf16 (mixed: bf16
+    #: convolutions, fp32 weights) or auto (bf16 where the CPU or GPU computes it natively:
+    #: AVX-512 BF16, AMX, a CUDA GPU with bf16; fp32 elsewhere)
     precision: str = "fp32"
     seed: int = 0
 
