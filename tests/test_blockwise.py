@@ -5,6 +5,7 @@ a two-worker LocalCluster, OME-Zarr output."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dask.array as da
@@ -372,3 +373,22 @@ def test_local_workers_neither_spill_nor_pause_but_keep_the_terminate_guard():
         close()
     assert list(fractions.values()) == [(False, False, False)]
     assert list(terminate.values()) == [0.95]
+
+
+@pytest.mark.slow
+def test_starting_the_local_cluster_leaves_this_process_environment_alone(monkeypatch):
+    """The nanny sets OMP_NUM_THREADS=1 (and more) before spawning its worker; in this process
+    that made torch, imported after, train refine's network on one thread. The variables come
+    back as they were: unset stays unset, a user's own value stays."""
+    from sparse3d.densify.engine import open_client
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    client, close = open_client("local", 1, 1 << 30, dashboard=False)
+    try:
+        worker_env = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    finally:
+        close()
+    assert list(worker_env.values()) == ["1"]  # the worker itself still runs one thread
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "7"

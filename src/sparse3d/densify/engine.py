@@ -14,10 +14,11 @@ the blocks and the result is the same (tested).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,26 @@ def available_memory() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+@contextlib.contextmanager
+def _own_environment() -> Iterator[None]:
+    """Give this process back the environment variables that a nanny sets before it spawns a
+    worker (``distributed.nanny.pre-spawn-environ``: ``OMP_NUM_THREADS=1`` and the like). The
+    nanny sets them in the process that starts the cluster, this one, and leaves them: torch,
+    imported after, would train the refining network on one thread."""
+    import dask
+
+    keys = list(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def open_client(
     kind: str,
     n_workers: int,
@@ -200,7 +221,7 @@ def open_client(
         # and a paused worker would wait for memory that the block still holds. The plan
         # sizes blocks to the share; the nanny's terminate threshold stays as the last guard.
         quiet = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause")}
-        with dask.config.set(quiet):
+        with dask.config.set(quiet), _own_environment():
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,
