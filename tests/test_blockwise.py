@@ -377,9 +377,9 @@ def test_local_workers_neither_spill_nor_pause_but_keep_the_terminate_guard():
 
 @pytest.mark.slow
 def test_starting_the_local_cluster_leaves_this_process_environment_alone(monkeypatch):
-    """The nanny sets OMP_NUM_THREADS=1 (and more) before spawning its worker; in this process
-    that made torch, imported after, train refine's network on one thread. The variables come
-    back as they were: unset stays unset, a user's own value stays."""
+    """The nanny sets OMP_NUM_THREADS=1 (and more) in this process before spawning its worker;
+    torch imported after it, or a child process, would run one thread. The variables come back
+    as they were: unset stays unset, a user's own value stays."""
     from sparse3d.densify.engine import open_client
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -162,8 +162,9 @@ def available_memory() -> int:
 def _own_environment() -> Iterator[None]:
     """Give this process back the environment variables that a nanny sets before it spawns a
     worker (``distributed.nanny.pre-spawn-environ``: ``OMP_NUM_THREADS=1`` and the like). The
-    nanny sets them in the process that starts the cluster, this one, and leaves them: torch,
-    imported after, would train the refining network on one thread."""
+    nanny sets them in the process that starts the cluster, this one, and leaves them: a library
+    that reads them later (torch when first imported after the cluster starts, any child
+    process) would run on one thread."""
     import dask
 
     keys = list(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
