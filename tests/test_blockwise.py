@@ -324,7 +324,7 @@ def test_cluster_address_attaches_to_a_running_scheduler(volume, tmp_path):
 def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_path, monkeypatch, path):
     """``refine.precision=bf16``: both paths hand the trained precision to the prediction, and
     densify.json records it."""
-    import sparse3d.densify.methods as methods
+    import sparse3d.densify.network as network
     import sparse3d.densify.network_lazy as network_lazy
 
     seen = []
@@ -336,11 +336,9 @@ def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_pat
 
         return predict
 
-    import sparse3d.densify.network as network
-
+    # the blockwise pass calls network_lazy's name; the in-memory path imports it from .network
     monkeypatch.setattr(network_lazy, "predict_same_padded", spy(network.predict_same_padded))
     monkeypatch.setattr(network, "predict_same_padded", spy(network.predict_same_padded))
-    assert methods  # the in-memory path imports predict_same_padded from .network when it runs
     facts = densify(_cfg(
         tmp_path / "b", volume, "method=refine", "refine.max_steps=2", "refine.fold_trees=4",
         "refine.input_tile=[16,32,32]", "refine.batch_size=1", "refine.precision=bf16",
