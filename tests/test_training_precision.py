@@ -141,3 +141,80 @@ def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch):
         fitting.check_compile(cfg)
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/g++")
     fitting.check_compile(cfg)  # a compiler: no complaint
+
+
+def _bf16_and_fp32_grads(net: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
+    """Parameter gradients of ``sum(logits^2)``: under CPU bf16 autocast, and in float32 on the
+    same bf16-rounded weights and input (the reference the bf16 kernels approximate)."""
+    grads = {}
+    for precision in ("bf16", "fp32"):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = net(x if precision == "bf16" else x.bfloat16().float())
+        y.float().square().sum().backward()
+        grads[precision] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    return grads["bf16"], grads["fp32"]
+
+
+def _max_rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    err = float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    return err if err == err else float("inf")  # NaN counts as wrong
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+def test_bf16_conv3d_weight_gradient_is_right_at_every_depth(depth):
+    """A bf16 3x3x3 convolution on an input 2 voxels deep gave garbage weight gradients on an
+    AVX-512-bf16 CPU (torch 2.13, oneDNN); the model's 3D convolution computes that case in float32."""
+    from sparse3d.models.blocks import conv_cls
+
+    torch.manual_seed(0)
+    conv = conv_cls(3)(16, 32, 3, padding=1).to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.bfloat16().float())
+        conv.bias.copy_(conv.bias.bfloat16().float())
+    x = torch.randn(2, 16, depth, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    runs = [_bf16_and_fp32_grads(conv, x) for _ in range(3)]
+    for bf16, fp32 in runs:
+        assert _max_rel_error(bf16["weight"], fp32["weight"]) < 0.02
+    assert all(torch.equal(bf16["weight"], runs[0][0]["weight"]) for bf16, _ in runs)
+
+
+def test_bf16_conv3d_guard_touches_only_thin_inputs_under_bf16_training():
+    """The float32 detour is taken for a 2-deep input under bf16 autocast with gradients, and
+    nowhere else: deeper inputs stay bf16, inference and float32 are plain ``nn.Conv3d``."""
+    from sparse3d.models.blocks import conv_cls
+
+    torch.manual_seed(0)
+    conv = conv_cls(3)(4, 8, 3, padding=1)
+    plain = torch.nn.Conv3d(4, 8, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    thin, deep = torch.randn(1, 4, 2, 6, 6), torch.randn(1, 4, 5, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(thin).dtype == torch.float32
+        assert conv(deep).dtype == torch.bfloat16
+        with torch.no_grad():
+            assert torch.equal(conv(thin), plain(thin))
+    assert torch.equal(conv(thin), plain(thin))
+
+
+def test_bf16_training_of_a_thin_tile_gives_the_float32_gradients():
+    """densify's refining network (same padding, depth 3) on an 8-deep tile: its deepest level
+    is 2 deep. Every parameter's bf16 gradient is close to the float32 one and repeatable (the
+    training that gave a different network on every run). bf16 alone differs by up to ~0.2 here
+    (a batch of 2 through batch norm); the broken kernel gave 0.8 to inf."""
+    from sparse3d.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, 2, base_channels=8, depth=3, padding="same", norm="batch")
+    net = net.to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(p.bfloat16().float())
+    x = torch.randn(2, 3, 8, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    first = None
+    for _ in range(3):
+        bf16, fp32 = _bf16_and_fp32_grads(net, x)
+        worst = {n: _max_rel_error(bf16[n], fp32[n]) for n in bf16}
+        assert max(worst.values()) < 0.5, {n: e for n, e in worst.items() if e >= 0.5}
+        first = first or bf16
+        assert all(torch.equal(first[n], bf16[n]) for n in bf16)

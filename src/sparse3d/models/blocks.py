@@ -203,10 +203,39 @@ def make_norm(norm: str, channels: int, dim: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that trains correctly under CPU bfloat16 autocast at any depth.
+
+    With torch 2.13's oneDNN on an AVX-512-bf16 CPU, the weight gradient of a bf16 3x3x3
+    convolution (padding 1) whose input is exactly 2 voxels deep is garbage (errors of 100 % to
+    1e36 of the gradient, different on every call); the forward pass and the input gradient are
+    right, as is every case with depth 1 or 3+, float32, and the 2D convolution
+    (``tests/test_model.py``). Such inputs are the deepest levels of a same-padded network on
+    a thin tile, tiny tensors: this layer runs them in float32 while autograd records, and
+    everything else as ``nn.Conv3d`` does. Parameters and state dict are ``nn.Conv3d``'s.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.shape[2] <= 2 and self.weight.dtype == torch.float32 and _cpu_bf16_autocast(input):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(input.float())
+        return super().forward(input)
+
+
+def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether ``x`` enters a CPU bfloat16-autocast convolution whose weight gradient is kept."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
 def conv_cls(dim: int) -> type[nn.Module]:
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
-    return nn.Conv3d if dim == 3 else nn.Conv2d
+    return Conv3d if dim == 3 else nn.Conv2d
 
 
 class DoubleConv(nn.Sequential):
