@@ -116,7 +116,7 @@ class RefineOptions:
     #: the network's arithmetic, in training and prediction: fp32, bf16 (mixed: bf16
     #: convolutions, fp32 weights) or auto (bf16 where the CPU or GPU computes it natively:
     #: AVX-512 BF16, AMX, a CUDA GPU with bf16; fp32 elsewhere)
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
