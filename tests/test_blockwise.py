@@ -321,7 +321,9 @@ def test_cluster_address_attaches_to_a_running_scheduler(volume, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["block=[16,32,32]", "in_memory=true"])
-def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_path, monkeypatch, path):
+def test_refine_predicts_in_the_precision_its_network_trained_in(
+    volume, tmp_path, monkeypatch, path
+):
     """``refine.precision=bf16``: both paths hand the trained precision to the prediction, and
     densify.json records it."""
     import sparse3d.densify.network as network
@@ -346,6 +348,47 @@ def test_refine_predicts_in_the_precision_its_network_trained_in(volume, tmp_pat
     ))  # fmt: skip
     assert seen and set(seen) == {"bf16"}
     assert facts["steps"]["vol"]["network_precision"] == "bf16"
+
+
+def test_file_dataset_reads_what_the_volume_dask_array_reads(volume):
+    from sparse3d.data.lazy import lazy_volume
+    from sparse3d.densify.network_lazy import FileDataset
+
+    lazy = lazy_volume(volume, chunks=(16, 32, 32))
+    image, label = FileDataset(volume, "image"), FileDataset(volume, "label")
+    assert image.shape == lazy.image.shape and label.shape == lazy.label.shape
+    box = (slice(3, 19), slice(5, 37), slice(10, 42))
+    got = image[(slice(None), *box)]
+    np.testing.assert_array_equal(got, lazy.image[(slice(None), *box)].compute())
+    assert got.dtype == lazy.image.dtype
+    np.testing.assert_array_equal(label[box], lazy.label[box].compute())
+    image.close()
+    label.close()
+    assert image._file is None
+
+
+@pytest.mark.slow
+def test_blockwise_refine_reads_its_training_tiles_straight_from_the_file(
+    volume, tmp_path, monkeypatch
+):
+    """Through the volume's dask array a small tile read its whole block; the network's
+    training tiles of image and label come from the file itself, none through dask."""
+    import sparse3d.densify.network_lazy as network_lazy
+
+    through_dask = []
+    original = network_lazy._here
+
+    def spy(part):
+        through_dask.append(hasattr(part, "compute"))
+        return original(part)
+
+    monkeypatch.setattr(network_lazy, "_here", spy)
+    densify(_cfg(
+        tmp_path / "b", volume, "method=refine", "refine.max_steps=3", "refine.fold_trees=4",
+        "refine.input_tile=[16,32,32]", "refine.batch_size=1", "cluster.kind=threads",
+        "block=[16,32,32]",
+    ))  # fmt: skip
+    assert len(through_dask) >= 6 and not any(through_dask)
 
 
 @pytest.mark.slow

@@ -216,13 +216,16 @@ def _within(inner: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]
 @dataclass
 class LazyInput:
     """One volume as dask arrays: ``image (C, Z, Y, X)``, sparse ``label (Z, Y, X)`` (class
-    codes ``0..K-1``, ``ignore_index`` unlabelled) and its annotated planes."""
+    codes ``0..K-1``, ``ignore_index`` unlabelled) and its annotated planes; ``path``: the
+    sparse3d volume file they read, if any (its ``image`` and ``label`` datasets), for a process
+    that reads many small tiles straight from it."""
 
     image: Any
     label: Any
     num_classes: int
     ignore_index: int
     slices: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    path: Path | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

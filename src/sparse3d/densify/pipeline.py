@@ -149,7 +149,7 @@ def densify_file(
     scratch.mkdir(parents=True, exist_ok=True)
     facts: dict[str, Any] = {"plan": plan.line()}
     try:
-        vol = LazyInput(lazy.image, lazy.label, k, ign, dict(meta.annotated_slices))
+        vol = LazyInput(lazy.image, lazy.label, k, ign, dict(meta.annotated_slices), src)
         shape = vol.shape
         grid = BlockGrid(shape, tuple(plan.block))  # type: ignore[arg-type]
         ctx = tuple(refine.context_sigmas) if method == "refine" else ()
