@@ -24,7 +24,7 @@ from sparse3d.densify.command import densify
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, voxel_features
 from sparse3d.densify.forests import RandomForestSegmenter, stacked_probabilities
-from sparse3d.densify.plan import plan_blocks
+from sparse3d.densify.plan import forest_bytes, plan_blocks
 from sparse3d.labels import LabelSpec
 
 SHAPE = (30, 44, 52)
@@ -92,6 +92,44 @@ def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path):
     np.testing.assert_array_equal(b_full, full)
     np.testing.assert_array_equal(b_cross, crossfit)
     assert not np.array_equal(crossfit, full)  # the folds did change the planes
+
+
+def test_each_stage_reads_the_volume_twice_folds_included(tmp_path, monkeypatch):
+    """A stage is two passes over the blocks, training rows then prediction: the fold forests
+    predict their planes in the prediction pass, from the block's features (there was a pass
+    per fold, recomputing the features around each plane)."""
+    passes = []
+    original = Engine.run
+
+    def run(self, tasks, desc):
+        passes.append(desc)
+        return original(self, tasks, desc)
+
+    monkeypatch.setattr(Engine, "run", run)
+    image, _, label = _scene()
+    _blockwise(image, label, 2, 3, (16, 32, 32), None, tmp_path)
+    assert passes == [
+        "scan labels",
+        "training features",
+        "forest, stage 1",
+        "training features",
+        "forest, stage 2",
+    ]
+
+
+def test_refine_plan_counts_the_fold_forests_its_workers_hold():
+    from sparse3d.densify.options import RefineOptions, RfOptions
+    from sparse3d.densify.pipeline import volume_plan
+
+    def peak(folds: int) -> int:
+        plan, _ = volume_plan(
+            (64, 200, 200), 1, 3, (1.0, 1.0, 1.0), "refine", RfOptions(),
+            RefineOptions(folds=folds), 2, 8_000_000_000, block=(64, 100, 100),
+        )  # fmt: skip
+        return plan.peak_bytes
+
+    fold_forests = 3 * forest_bytes(30, 3, RfOptions().samples_per_class)
+    assert peak(3) - peak(1) >= 2 * fold_forests  # each of the 2 workers holds them
 
 
 def test_a_halo_too_small_leaves_seams(tmp_path, monkeypatch):

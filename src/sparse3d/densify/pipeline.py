@@ -72,6 +72,8 @@ def volume_plan(
         r = max(int(4.0 * s + 0.5) for s in refine.context_sigmas)
         halo = tuple(max(h, r) for h in halo)  # type: ignore[assignment]
     forest = forest_bytes(rf.n_trees, classes, rf.samples_per_class)
+    if method == "refine" and refine.folds > 1:  # the fold forests predict in the same pass
+        forest += refine.folds * forest_bytes(refine.fold_trees, classes, rf.samples_per_class)
     rows = 4 * f * classes * rf.samples_per_class * (1 + refine.folds)
     kept = 4 * f * math.prod(shape)
     if keep_features and kept <= budget_bytes / 2:
