@@ -207,7 +207,7 @@ class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that trains correctly under CPU bfloat16 autocast at any depth.
 
     With torch 2.13's oneDNN on an AVX-512-bf16 CPU, the weight gradient of a bf16 3x3x3
-    convolution (padding 1) whose input is exactly 2 voxels deep is garbage (errors of 100 % to
+    convolution (padding 1) whose input is exactly 2 voxels deep is garbage (errors of 90 % to
     1e36 of the gradient, different on every call); the forward pass and the input gradient are
     right, as is every case with depth 1 or 3+, float32, and the 2D convolution
     (``tests/test_model.py``). Such inputs are the deepest levels of a same-padded network on
