@@ -210,9 +210,10 @@ class Conv3d(nn.Conv3d):
     convolution (padding 1) whose input is exactly 2 voxels deep is garbage (errors of 90 % to
     1e36 of the gradient, different on every call); the forward pass and the input gradient are
     right, as is every case with depth 1 or 3+, float32, and the 2D convolution
-    (``tests/test_training_precision.py``). Such inputs are the deepest levels of a same-padded network on
-    a thin tile, tiny tensors: this layer runs them in float32 while autograd records, and
-    everything else as ``nn.Conv3d`` does. Parameters and state dict are ``nn.Conv3d``'s.
+    (``tests/test_training_precision.py``). Such inputs are the deepest levels of a same-padded
+    network on a thin tile, tiny tensors: this layer runs them in float32 while autograd
+    records, and everything else as ``nn.Conv3d`` does. Parameters and state dict are
+    ``nn.Conv3d``'s.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
