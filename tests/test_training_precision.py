@@ -164,7 +164,8 @@ def _max_rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("depth", [1, 2, 3, 5])
 def test_bf16_conv3d_weight_gradient_is_right_at_every_depth(depth):
     """A bf16 3x3x3 convolution on an input 2 voxels deep gave garbage weight gradients on an
-    AVX-512-bf16 CPU (torch 2.13, oneDNN); the model's 3D convolution computes that case in float32."""
+    AVX-512-bf16 CPU (torch 2.13, oneDNN); the model's 3D convolution computes that case in
+    float32."""
     from sparse3d.models.blocks import conv_cls
 
     torch.manual_seed(0)
