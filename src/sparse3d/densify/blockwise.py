@@ -164,14 +164,13 @@ def _predict(
     feats = block_features(image_ext, image_box, context_ext, context_box, core, spec)
     probs = forest.predict_proba(feats, chunk_voxels=1 << 18, progress=False)
     full(core, probs)
-    if crossfit is not None:
-        if held:
-            probs = probs.copy()
-        for boxes, fold_forest in held:
-            for box in boxes:
-                part = (slice(None), *_within(box, core))
-                probs[part] = fold_forest.predict_proba(feats[part], progress=False)
-        crossfit(core, probs)
+    if held:
+        probs = probs.copy()
+    for boxes, fold_forest in held:
+        for box in boxes:
+            part = (slice(None), *_within(box, core))
+            probs[part] = fold_forest.predict_proba(feats[part], progress=False)
+    crossfit(core, probs)
     return int(np.prod(probs.shape[1:]))
 
 
@@ -182,12 +181,6 @@ def _context_read(context, region, spec: FeatureSpec, shape) -> tuple[Any, Any]:
         return None, None
     box = grow(region, spec.context_halo, shape)
     return context[(slice(None), *box)], box
-
-
-def _shape_of(box: Sequence[slice], ext: np.ndarray) -> tuple[int, ...]:
-    """The volume's extent as far as clipping ``box`` needs: a box grown inside ``box`` never
-    leaves it, so ``box``'s stops stand for the volume's edge."""
-    return tuple(s.stop for s in box)
 
 
 def _within(inner: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
@@ -298,7 +291,7 @@ def predict_pass(
     context: Any,
     forest: RandomForestSegmenter,
     full: ZarrSink,
-    crossfit: ZarrSink | None,
+    crossfit: ZarrSink,
     engine: Engine,
     desc: str = "forest",
     held_out: Sequence[tuple[Mapping[str, Sequence[int]], RandomForestSegmenter]] = (),
