@@ -59,9 +59,15 @@ def _forest(n_trees: int) -> RandomForestSegmenter:
 
 
 def _blockwise(image, label, stages, folds, block, cache, tmp_path, workers=2):
+    """``cache``: None (features recomputed in each pass), ``"disk"`` (kept as files under
+    ``tmp_path``) or a token (kept in this process's memory)."""
     vol = LazyInput(da.from_array(image, chunks=(2, 16, 16, 16)), da.from_array(label), K, IGN,
                     SLICES)  # fmt: skip
-    spec = FeatureSpec(SIGMAS, VOXEL, channel_percentiles(image), (1.0, 2.5), 1, cache=cache)
+    keep_dir = str(tmp_path / "features") if cache == "disk" else None
+    spec = FeatureSpec(
+        SIGMAS, VOXEL, channel_percentiles(image), (1.0, 2.5), 1,
+        cache=None if cache in (None, "disk") else cache, keep_dir=keep_dir,
+    )  # fmt: skip
     grid = BlockGrid(SHAPE, block)
     stores = stacked_forests_blockwise(
         vol, grid, spec, _forest(12), _forest(6) if folds else None, stages, folds, tmp_path,
@@ -70,7 +76,7 @@ def _blockwise(image, label, stages, folds, block, cache, tmp_path, workers=2):
     return zarr.open_array(stores.full.path)[:], zarr.open_array(stores.crossfit.path)[:]
 
 
-@pytest.mark.parametrize("cache", [None, "kept"])
+@pytest.mark.parametrize("cache", [None, "kept", "disk"])
 def test_random_forest_blockwise_equals_one_pass(tmp_path, cache):
     image, _, label = _scene()
     feats = voxel_features(image, VOXEL, SIGMAS)
@@ -80,7 +86,8 @@ def test_random_forest_blockwise_equals_one_pass(tmp_path, cache):
     np.testing.assert_array_equal(crossfit, expected)
 
 
-def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path):
+@pytest.mark.parametrize("cache", [None, "kept", "disk"])
+def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path, cache):
     """refine.max_steps=0: two auto-context stages, three plane folds."""
     image, _, label = _scene()
     feats = voxel_features(image, VOXEL, SIGMAS)
@@ -88,33 +95,68 @@ def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path):
         feats, label, SLICES, _forest(12), _forest(6), stages=2, context_sigmas=(1.0, 2.5),
         n_folds=3,
     )  # fmt: skip
-    b_full, b_cross = _blockwise(image, label, 2, 3, (16, 32, 32), None, tmp_path)
+    b_full, b_cross = _blockwise(image, label, 2, 3, (16, 32, 32), cache, tmp_path)
     np.testing.assert_array_equal(b_full, full)
     np.testing.assert_array_equal(b_cross, crossfit)
     assert not np.array_equal(crossfit, full)  # the folds did change the planes
+    if cache == "disk":
+        assert not (tmp_path / "features").exists()  # the kept features are gone
 
 
-def test_each_stage_reads_the_volume_twice_folds_included(tmp_path, monkeypatch):
-    """A stage is two passes over the blocks, training rows then prediction: the fold forests
-    predict their planes in the prediction pass, from the block's features (there was a pass
-    per fold, recomputing the features around each plane)."""
-    passes = []
-    original = Engine.run
+def _passes_and_filters(monkeypatch) -> list[list]:
+    """``[[pass name, filter-feature computations in it]]`` of the blockwise runs that follow."""
+    from sparse3d.densify import blockwise
+
+    passes: list[list] = []
+    original_run, original_features = Engine.run, blockwise.voxel_features
 
     def run(self, tasks, desc):
-        passes.append(desc)
-        return original(self, tasks, desc)
+        passes.append([desc, 0])
+        return original_run(self, tasks, desc)
+
+    def features(*args, **kwargs):
+        passes[-1][1] += 1
+        return original_features(*args, **kwargs)
 
     monkeypatch.setattr(Engine, "run", run)
+    monkeypatch.setattr(blockwise, "voxel_features", features)
+    return passes
+
+
+def test_a_later_stage_reads_only_the_context_for_its_training_rows(tmp_path, monkeypatch):
+    """A stage is a training-rows pass and a prediction pass: the fold forests predict their
+    planes in the prediction pass, from the block's features, and a later stage's training rows
+    take the first stage's filter features (same voxels, same image) and compute only the
+    context (there was a pass per fold, and each stage filtered the image around its training
+    voxels again)."""
+    passes = _passes_and_filters(monkeypatch)
     image, _, label = _scene()
     _blockwise(image, label, 2, 3, (16, 32, 32), None, tmp_path)
-    assert passes == [
+    names = [name for name, _ in passes]
+    assert names == [
         "scan labels",
         "training features",
         "forest, stage 1",
-        "training features",
+        "training context",
         "forest, stage 2",
     ]
+    filtered = dict(passes)
+    assert filtered["training context"] == 0
+    assert filtered["forest, stage 1"] == filtered["forest, stage 2"] == 8  # 2 x 2 x 2 blocks
+
+
+@pytest.mark.parametrize("cache", ["kept", "disk"])
+def test_kept_features_are_computed_once_per_block_in_the_whole_run(
+    tmp_path, monkeypatch, cache
+):
+    """With the features kept (in memory, or on disk where the blocks run on worker
+    processes), each block's filter features are computed once for both stages and all their
+    passes, as the in-memory path computes the volume's once (they were computed once per
+    stage)."""
+    passes = _passes_and_filters(monkeypatch)
+    image, _, label = _scene()
+    _blockwise(image, label, 2, 3, (16, 32, 32), cache, tmp_path)
+    assert sum(n for _, n in passes) == 8  # 2 x 2 x 2 blocks
 
 
 def test_refine_plan_counts_the_fold_forests_its_workers_hold():

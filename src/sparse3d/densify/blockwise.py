@@ -23,6 +23,9 @@ smoothed at ``context_sigmas`` (auto-context), read from its store with its own 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +52,14 @@ class FeatureSpec:
     percentiles: np.ndarray
     context_sigmas: tuple[float, ...] = ()
     threads: int = 1
-    #: name under which this process keeps each block's features for the later passes of the
-    #: same stage (None: recompute them in each pass). Only where the whole volume's features
-    #: fit the memory budget and the blocks run in this process (see :func:`drop_cache`).
+    #: name under which this process keeps each block's filter features for every later pass
+    #: (None: not in memory). Only where the whole volume's features fit the memory budget and
+    #: the blocks run in this process (see :func:`drop_cache`).
     cache: str | None = None
+    #: a directory (shared by the workers, like the scratch stores) where each block's filter
+    #: features are kept as a file for every later pass, where the disk has room for them
+    #: (None: not on disk)
+    keep_dir: str | None = None
 
     @property
     def halo(self) -> tuple[int, int, int]:
@@ -63,8 +70,14 @@ class FeatureSpec:
         r = max((int(4.0 * s + 0.5) for s in self.context_sigmas), default=0)
         return (r, r, r)
 
+    @property
+    def keeps(self) -> bool:
+        """Whether each block's filter features, once computed, serve every later pass (in
+        memory or on disk): a block's features are then computed once in the whole run."""
+        return self.cache is not None or self.keep_dir is not None
 
-#: features of whole blocks kept between passes: ``{(spec.cache, block core): (F, ...)}``
+
+#: filter features of whole blocks kept between passes: ``{(spec.cache, block core): (F, ...)}``
 _CACHE: dict[tuple[str, tuple[tuple[int, int], ...]], np.ndarray] = {}
 
 
@@ -74,40 +87,34 @@ def drop_cache(token: str | None) -> None:
         del _CACHE[key]
 
 
-def block_features(
-    image_ext: np.ndarray,
-    image_box: Sequence[slice],
-    context_ext: np.ndarray | None,
-    context_box: Sequence[slice] | None,
-    region: Sequence[slice],
-    spec: FeatureSpec,
-) -> np.ndarray:
-    """Features ``(F, *region)`` of the voxels in ``region`` (volume coordinates), from the
-    image read over ``image_box`` (``region`` grown by ``spec.halo``) and, when given, the
-    context probabilities ``(K, ...)`` read over ``context_box``. With ``spec.cache``, the
-    result is kept for the passes that ask for the same region again."""
+def kept_file(spec: FeatureSpec, region: Sequence[slice]) -> Path | None:
+    """The file that keeps the filter features of ``region`` under ``spec.keep_dir``."""
+    if spec.keep_dir is None:
+        return None
+    name = "_".join(f"{int(r.start)}-{int(r.stop)}" for r in region)
+    return Path(spec.keep_dir) / f"{name}.npy"
+
+
+def _base_features(image_ext, image_box, region, spec: FeatureSpec, out=None) -> np.ndarray:
+    """Filter features ``(F, *region)``: kept ones where ``spec`` keeps them (memory, or a
+    file read memory-mapped), else computed from the image (into ``out`` when given) and kept
+    for the later passes."""
     key = None
     if spec.cache is not None:
         key = (spec.cache, tuple((int(r.start), int(r.stop)) for r in region))
         if key in _CACHE:
             return _CACHE[key]
-    out = _compute_features(image_ext, image_box, context_ext, context_box, region, spec)
-    if key is not None:
-        _CACHE[key] = out
-    return out
-
-
-def _compute_features(image_ext, image_box, context_ext, context_box, region, spec) -> np.ndarray:
+    path = kept_file(spec, region)
+    if path is not None and path.exists():
+        return np.load(path, mmap_mode="r")
+    assert image_ext is not None, "the image is needed where no block features are kept"
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box, strict=True)
     )
     image_ext = np.asarray(image_ext)
-    names = feature_names(image_ext.shape[0], spec.sigmas)
-    extra = 0
-    if context_ext is not None:
-        extra = int(np.shape(context_ext)[0]) * (1 + len(spec.context_sigmas))
-    # one array for the base and the context features: no concatenated copy of either
-    out = np.empty((len(names) + extra, *(r.stop - r.start for r in region)), np.float32)
+    f = len(feature_names(image_ext.shape[0], spec.sigmas))
+    if out is None:
+        out = np.empty((f, *(r.stop - r.start for r in region)), np.float32)
     voxel_features(
         image_ext,
         spec.voxel_size_zyx_um,
@@ -116,15 +123,44 @@ def _compute_features(image_ext, image_box, context_ext, context_box, region, sp
         spec.threads,
         crop,
         progress=False,
-        out=out[: len(names)],
+        out=out,
     )
+    if key is not None:
+        _CACHE[key] = out
+    if path is not None:  # under a temporary name, then renamed: a reader never sees half
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out
+
+
+def block_features(
+    image_ext: np.ndarray | None,
+    image_box: Sequence[slice],
+    context_ext: np.ndarray | None,
+    context_box: Sequence[slice] | None,
+    region: Sequence[slice],
+    spec: FeatureSpec,
+) -> np.ndarray:
+    """Features ``(F, *region)`` of the voxels in ``region`` (volume coordinates), from the
+    image read over ``image_box`` (``region`` grown by ``spec.halo``; None where ``spec`` keeps
+    this region's filter features) and, when given, the context probabilities ``(K, ...)`` read
+    over ``context_box``: the filter features, then the context features."""
     if context_ext is None:
-        return out
+        return _base_features(image_ext, image_box, region, spec)
     assert context_box is not None
+    k = int(np.shape(context_ext)[0])
+    f = len(feature_names(len(spec.percentiles), spec.sigmas))
+    # one array for the base and the context features: no concatenated copy of either
+    out = np.empty((f + k * (1 + len(spec.context_sigmas)), *(r.stop - r.start for r in region)),
+                   np.float32)  # fmt: skip
+    base = _base_features(image_ext, image_box, region, spec, None if spec.keeps else out[:f])
+    if base.base is not out:
+        out[:f] = base
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box, strict=True)
     )
-    context_features(context_ext, spec.context_sigmas, crop, out=out[len(names) :])
+    context_features(context_ext, spec.context_sigmas, crop, out=out[f:])
     return out
 
 
@@ -150,6 +186,17 @@ def _scan(label_core: np.ndarray, core: Sequence[slice], shape, num_classes: int
 def _rows(image_ext, image_box, context_ext, context_box, region, points, spec) -> np.ndarray:
     """Feature rows ``(n, F)`` at ``points (n, 3)`` (volume coordinates) inside ``region``."""
     feats = block_features(image_ext, image_box, context_ext, context_box, region, spec)
+    local = tuple((points[:, a] - region[a].start) for a in range(3))
+    return np.ascontiguousarray(feats[(slice(None), *local)].T)
+
+
+def _context_rows(context_ext, context_box, region, points, sigmas) -> np.ndarray:
+    """Context feature rows ``(n, E)`` at ``points (n, 3)`` inside ``region``, from the
+    previous stage's probabilities read over ``context_box``."""
+    crop = tuple(
+        slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box, strict=True)
+    )
+    feats = context_features(context_ext, sigmas, crop)
     local = tuple((points[:, a] - region[a].start) for a in range(3))
     return np.ascontiguousarray(feats[(slice(None), *local)].T)
 
@@ -240,23 +287,8 @@ def feature_rows(
     import dask
 
     shape = vol.shape
-    zyx = np.stack(np.unravel_index(flat, shape), axis=1)
-    owner = grid.block_of(zyx)
-    group = owner
-    if spec.cache is None:  # one box per block and annotated plane: thin slabs, not the block
-        plane = _plane_of(zyx, vol.slices, shape)
-        group = owner * (sum(shape) + 1) + plane
-    order = np.argsort(group, kind="stable")
     tasks, spans = [], []
-    bounds = np.flatnonzero(np.diff(group[order])) + 1
-    for part in np.split(order, bounds):
-        if part.size == 0:
-            continue
-        pts = zyx[part]
-        if spec.cache is not None:  # the whole block, computed once for every pass
-            region = grid.block_at(np.unravel_index(owner[part[0]], grid.counts)).core
-        else:  # only the box around this block's training voxels on one plane
-            region = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts.T)
+    for region, part, pts in _row_regions(vol, grid, flat, whole_blocks=spec.keeps):
         img_box = grow(region, spec.halo, shape)
         ctx, ctx_box = _context_read(context, region, spec, shape)
         tasks.append(
@@ -265,8 +297,53 @@ def feature_rows(
             )
         )
         spans.append(part)
-    rows = engine.run(tasks, "training features")
-    out = np.empty((flat.size, rows[0].shape[1]), np.float32)
+    return _gather(engine.run(tasks, "training features"), spans, flat.size)
+
+
+def context_rows(
+    vol: LazyInput, grid: BlockGrid, flat: np.ndarray, spec: FeatureSpec, context: Any,
+    engine: Engine,
+) -> np.ndarray:  # fmt: skip
+    """Context feature rows ``(N, E)`` float32 of the voxels ``flat (N,)`` (sorted flat
+    indices), from the previous stage's crossfit probabilities ``context`` (dask ``(K, Z, Y,
+    X)``) alone: a later stage's filter-feature rows are the first stage's (same voxels, same
+    image), so only these are new."""
+    import dask
+
+    tasks, spans = [], []
+    for region, part, pts in _row_regions(vol, grid, flat, whole_blocks=False):
+        ctx, ctx_box = _context_read(context, region, spec, vol.shape)
+        tasks.append(dask.delayed(_context_rows)(ctx, ctx_box, region, pts, spec.context_sigmas))
+        spans.append(part)
+    return _gather(engine.run(tasks, "training context"), spans, flat.size)
+
+
+def _row_regions(vol: LazyInput, grid: BlockGrid, flat: np.ndarray, whole_blocks: bool):
+    """``(region, positions in flat, points (n, 3))`` per group of the voxels ``flat``: by
+    block (``whole_blocks``: the region is the block's core, whose features are kept for every
+    pass), else by block and annotated plane (the region is the box around the group's voxels:
+    thin slabs, not the block)."""
+    shape = vol.shape
+    zyx = np.stack(np.unravel_index(flat, shape), axis=1)
+    owner = grid.block_of(zyx)
+    group = owner
+    if not whole_blocks:
+        group = owner * (sum(shape) + 1) + _plane_of(zyx, vol.slices, shape)
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for part in np.split(order, bounds):
+        if part.size == 0:
+            continue
+        pts = zyx[part]
+        if whole_blocks:
+            region = grid.block_at(np.unravel_index(owner[part[0]], grid.counts)).core
+        else:
+            region = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts.T)
+        yield region, part, pts
+
+
+def _gather(rows: Sequence[np.ndarray], spans: Sequence[np.ndarray], n: int) -> np.ndarray:
+    out = np.empty((n, rows[0].shape[1]), np.float32)
     for part, r in zip(spans, rows, strict=True):
         out[part] = r
     return out
@@ -308,9 +385,11 @@ def predict_pass(
     for b in grid.with_halo(spec.halo):
         ctx, ctx_box = _context_read(context, b.core, spec, shape)
         held = [(boxes, f) for fold, f in folds_d if (boxes := _plane_boxes(b, fold))]
+        kept = kept_file(spec, b.core)
+        image = None if kept is not None and kept.exists() else vol.image[(slice(None), *b.ext)]
         tasks.append(
             dask.delayed(_predict)(
-                vol.image[(slice(None), *b.ext)],
+                image,
                 b.ext,
                 ctx,
                 ctx_box,
@@ -378,53 +457,64 @@ def stacked_forests_blockwise(
     if len(folds) < 2:
         folds = []
     chunks = (k, *grid.store_chunks())
-    context = None
-    stores = None
-    for stage in range(int(stages)):
-        stage_spec = _stage_spec(spec, context is not None, stage)
-        # training voxels of the forest and of each fold's forest, features computed once
-        draws = [forest.sample_indices(per_class)]
-        for fold in folds:
-            keep = [idx[~_held(idx, shape, fold)] for idx in per_class]
-            assert fold_forest is not None
-            draws.append(fold_forest.sample_indices(keep) if any(len(i) for i in keep) else None)
-        union = np.unique(np.concatenate([d for d in draws if d is not None]))
-        rows = feature_rows(vol, grid, union, stage_spec, context, engine)
-        labels = _labels_at(per_class, union)
+    # training voxels of the forest and of each fold's forest (the same in every stage: the
+    # draws are seeded), their filter-feature rows computed once
+    draws = [forest.sample_indices(per_class)]
+    for fold in folds:
+        keep = [idx[~_held(idx, shape, fold)] for idx in per_class]
+        assert fold_forest is not None
+        draws.append(fold_forest.sample_indices(keep) if any(len(i) for i in keep) else None)
+    union = np.unique(np.concatenate([d for d in draws if d is not None]))
+    labels = _labels_at(per_class, union)
+    if spec.keep_dir is not None:
+        Path(spec.keep_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        base_rows = feature_rows(vol, grid, union, _stage_spec(spec, False), None, engine)
+        context = None
+        stores = None
+        for stage in range(int(stages)):
+            stage_spec = _stage_spec(spec, context is not None)
+            rows = base_rows
+            if context is not None:  # the filter features' rows and the new context rows
+                extra = context_rows(vol, grid, union, stage_spec, context, engine)
+                rows = np.concatenate([base_rows, extra], axis=1)
 
-        def fit(model, drawn, union=union, rows=rows, labels=labels) -> RandomForestSegmenter:
-            pos = np.searchsorted(union, drawn)
-            with engine.fitting():
-                return model.fit_rows(rows[pos], labels[pos])
+            def fit(model, drawn, rows=rows) -> RandomForestSegmenter:
+                pos = np.searchsorted(union, drawn)
+                with engine.fitting():
+                    return model.fit_rows(rows[pos], labels[pos])
 
-        fit(forest, draws[0])
-        held_out = []  # each fold's forest, fitted without its planes
-        for fold, drawn in zip(folds, draws[1:], strict=True):
-            if drawn is not None:
-                assert fold_forest is not None
-                held_out.append((fold, fit(copy.deepcopy(fold_forest), drawn)))
-        stores = Stores(
-            create_store(scratch / f"full{stage + 1}.zarr", (k, *shape), chunks, "float32"),
-            create_store(scratch / f"crossfit{stage + 1}.zarr", (k, *shape), chunks, "float32"),
-        )
-        predict_pass(
-            vol, grid, stage_spec, context, forest, stores.full, stores.crossfit, engine,
-            desc=f"forest, stage {stage + 1}", held_out=held_out,
-        )  # fmt: skip
-        del held_out
-        drop_cache(stage_spec.cache)
-        context = da.from_zarr(stores.crossfit.path)
+            fit(forest, draws[0])
+            held_out = []  # each fold's forest, fitted without its planes
+            for fold, drawn in zip(folds, draws[1:], strict=True):
+                if drawn is not None:
+                    assert fold_forest is not None
+                    held_out.append((fold, fit(copy.deepcopy(fold_forest), drawn)))
+            stores = Stores(
+                create_store(scratch / f"full{stage + 1}.zarr", (k, *shape), chunks, "float32"),
+                create_store(
+                    scratch / f"crossfit{stage + 1}.zarr", (k, *shape), chunks, "float32"
+                ),
+            )
+            predict_pass(
+                vol, grid, stage_spec, context, forest, stores.full, stores.crossfit, engine,
+                desc=f"forest, stage {stage + 1}", held_out=held_out,
+            )  # fmt: skip
+            del held_out, rows
+            context = da.from_zarr(stores.crossfit.path)
+    finally:
+        drop_cache(spec.cache)
+        if spec.keep_dir is not None:
+            shutil.rmtree(spec.keep_dir, ignore_errors=True)
     assert stores is not None
     return stores
 
 
-def _stage_spec(spec: FeatureSpec, context: bool, stage: int) -> FeatureSpec:
-    """``spec`` for one stage: without context features in the first; a cache token per stage."""
+def _stage_spec(spec: FeatureSpec, context: bool) -> FeatureSpec:
+    """``spec`` for one stage: without context features in the first."""
     import dataclasses
 
-    cache = None if spec.cache is None else f"{spec.cache}/stage{stage + 1}"
-    ctx = spec.context_sigmas if context else ()
-    return dataclasses.replace(spec, context_sigmas=ctx, cache=cache)
+    return dataclasses.replace(spec, context_sigmas=spec.context_sigmas if context else ())
 
 
 def _labels_at(per_class: Sequence[np.ndarray], flat: np.ndarray) -> np.ndarray:

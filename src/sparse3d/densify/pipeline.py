@@ -155,18 +155,22 @@ def densify_file(
         shape = vol.shape
         grid = BlockGrid(shape, tuple(plan.block))  # type: ignore[arg-type]
         ctx = tuple(refine.context_sigmas) if method == "refine" else ()
-        # blocks run in this process and the whole volume's features fit half the budget:
-        # each block's features are computed once per stage and kept between its passes
+        # each block's filter features are computed once in the whole run and kept for its
+        # later passes: in memory where blocks run in this process and the whole volume's
+        # features fit half the budget, else on the scratch disk where it has room
         keep = plan.keep_features and engine.client is None
+        sigmas = tuple(float(s) for s in rf.sigmas)
+        keep_dir = None if keep else _disk_keep(scratch, vol.image.shape[0], sigmas, shape)
         spec = FeatureSpec(
-            tuple(float(s) for s in rf.sigmas),
+            sigmas,
             voxel,
             channel_percentiles(lazy.image),
             ctx,
             engine.threads_per_task,
             cache=f"{src}:{time.time_ns()}" if keep else None,
+            keep_dir=None if keep_dir is None else str(keep_dir),
         )
-        facts["features_kept"] = bool(keep)
+        facts["features_kept"] = "memory" if keep else "disk" if keep_dir else "no"
         forest = RandomForestSegmenter(k, ign, **rf.forest_kwargs())
         stages, folds, fold_forest = 1, 0, None
         if method == "refine":
@@ -217,6 +221,27 @@ def densify_file(
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return VolumeRun(seg, png, plan, time.perf_counter() - t0, facts, scores)
+
+
+#: the filter features are kept on the scratch disk where they take at most this fraction of
+#: its free space (else each pass computes them again)
+DISK_KEEP_FRACTION = 0.5
+
+
+def _disk_keep(scratch: Path, channels: int, sigmas: Sequence[float], shape) -> Path | None:
+    """Where to keep every block's filter features between passes on disk (float32, 4 bytes per
+    feature and voxel), or None where that would take more than :data:`DISK_KEEP_FRACTION` of
+    the scratch disk's free space."""
+    need = 4 * len(feature_names(channels, sigmas)) * math.prod(shape)
+    free = shutil.disk_usage(scratch).free
+    if need > DISK_KEEP_FRACTION * free:
+        log.info(
+            "filter features recomputed in each pass: keeping them would take %.1f GB of the "
+            "%.1f GB free under %s", need / 1e9, free / 1e9, scratch,
+        )  # fmt: skip
+        return None
+    log.info("filter features kept on disk between passes: %.1f GB under %s", need / 1e9, scratch)
+    return scratch / "features"
 
 
 def _suggestion(sums, shape, slices) -> dict[str, Any]:
