@@ -146,9 +146,7 @@ def test_a_later_stage_reads_only_the_context_for_its_training_rows(tmp_path, mo
 
 
 @pytest.mark.parametrize("cache", ["kept", "disk"])
-def test_kept_features_are_computed_once_per_block_in_the_whole_run(
-    tmp_path, monkeypatch, cache
-):
+def test_kept_features_are_computed_once_per_block_in_the_whole_run(tmp_path, monkeypatch, cache):
     """With the features kept (in memory, or on disk where the blocks run on worker
     processes), each block's filter features are computed once for both stages and all their
     passes, as the in-memory path computes the volume's once (they were computed once per

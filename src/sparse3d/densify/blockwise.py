@@ -492,9 +492,7 @@ def stacked_forests_blockwise(
                     held_out.append((fold, fit(copy.deepcopy(fold_forest), drawn)))
             stores = Stores(
                 create_store(scratch / f"full{stage + 1}.zarr", (k, *shape), chunks, "float32"),
-                create_store(
-                    scratch / f"crossfit{stage + 1}.zarr", (k, *shape), chunks, "float32"
-                ),
+                create_store(scratch / f"crossfit{stage + 1}.zarr", (k, *shape), chunks, "float32"),
             )
             predict_pass(
                 vol, grid, stage_spec, context, forest, stores.full, stores.crossfit, engine,
