@@ -4,20 +4,25 @@
 The steps, each a pass of per-block tasks on an :class:`~sparse3d.densify.engine.Engine`:
 
 1. **scan**: every labelled voxel's flat index per class, from the label alone (no features);
-   the forests draw their training voxels from these lists exactly as from a whole label.
-2. **rows**: filter features (and, after the first stage, context features of the previous
-   stage's cross-fitted probabilities) only around the drawn training voxels: each block
-   computes the bounding box of its drawn voxels grown by the filters' halo.
+   the forests draw their training voxels from these lists exactly as from a whole label. The
+   draws are seeded, so every stage trains on the same voxels.
+2. **rows**: filter features only around the drawn training voxels (each block computes the
+   box of its drawn voxels on one plane grown by the filters' halo), once for all stages; a
+   stage after the first adds the context features of the previous stage's cross-fitted
+   probabilities at the same voxels, read from their store.
 3. **predict**: features of each block grown by the halo, the forest's probabilities of its
    core, written to a chunked store (``full``), and the same into ``crossfit`` except on the
    annotated planes:
 4. **folds** (cross-fitting), in the same pass and from the same features: the voxels of each
-   fold's planes are predicted by that fold's forest, fitted without them (before, a pass of its
-   own per fold recomputed the features of a slab around each plane: ~10 % of the forests'
-   time at 100 M voxels).
+   fold's planes are predicted by that fold's forest, fitted without them.
 
 A stage after the first learns from the base features plus the previous stage's ``crossfit``
 smoothed at ``context_sigmas`` (auto-context), read from its store with its own halo.
+
+Where the filter features can be kept (:attr:`FeatureSpec.keeps`: in this process's memory, or
+as one file per block on the scratch disk), step 2 computes whole blocks and every later pass
+reads them: each block's filter features are computed once in the whole run, as the in-memory
+path computes the volume's once.
 """
 
 from __future__ import annotations
