@@ -461,7 +461,6 @@ def test_blockwise_refine_reads_its_training_tiles_straight_from_the_file(
         return original(part)
 
     monkeypatch.setattr(network_lazy, "_here", spy)
-    monkeypatch.setattr("sparse3d.densify.pipeline.TILE_PRELOAD_FRACTION", 0.0)  # tile by tile
     densify(_cfg(
         tmp_path / "b", volume, "method=refine", "refine.max_steps=3", "refine.fold_trees=4",
         "refine.input_tile=[16,32,32]", "refine.batch_size=1", "cluster.kind=threads",
@@ -512,45 +511,3 @@ def test_starting_the_local_cluster_leaves_this_process_environment_alone(monkey
     assert list(worker_env.values()) == ["1"]  # the worker itself still runs one thread
     assert "OMP_NUM_THREADS" not in os.environ
     assert os.environ["MKL_NUM_THREADS"] == "7"
-
-
-def test_preloaded_training_tiles_are_the_tiles_read_one_by_one(volume, tmp_path):
-    """Where the volume and the forests' stores fit a quarter of the budget, the network's
-    tiles come from memory: the same tiles, in the same order, as read from the files."""
-    from itertools import islice
-
-    from sparse3d.data.lazy import lazy_volume
-    from sparse3d.densify.blockwise import labelled_indices
-    from sparse3d.densify.network_lazy import StoreTiles, tile_bytes, tile_sources
-    from sparse3d.densify.stores import create_store
-
-    lazy = lazy_volume(volume, chunks=(16, 32, 32))
-    vol = LazyInput(lazy.image, lazy.label, K, IGN, SLICES, volume)
-    rng = np.random.default_rng(1)
-    paths = []
-    for name in ("crossfit", "full"):
-        sink = create_store(tmp_path / f"{name}.zarr", (K, *SHAPE), (K, 8, 16, 16), "float32")
-        sink((slice(None),) * 3, rng.dirichlet(np.ones(K), SHAPE).transpose(3, 0, 1, 2))
-        paths.append(sink.path)
-    per_class = labelled_indices(vol, BlockGrid(SHAPE, (16, 32, 32)), Engine(progress=False))
-    pseudo = [np.flatnonzero(np.asarray(lazy.label).reshape(-1) == IGN)[c::K] for c in range(K)]
-
-    def tiles(preload: bool) -> list[dict]:
-        t = StoreTiles(
-            *tile_sources(vol), *paths, channel_percentiles(lazy.image), IGN, 0.5, per_class,
-            pseudo, (8, 16, 16), seed=3,
-        )  # fmt: skip
-        if preload:
-            t.preload()
-        out = list(islice(iter(t), 12))
-        t.close()
-        return out
-
-    lazy_tiles, kept = tiles(False), tiles(True)
-    for a, b in zip(lazy_tiles, kept, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            torch_equal = a[key].shape == b[key].shape and bool((a[key] == b[key]).all())
-            assert torch_equal, key
-    assert any(bool((t["pseudo"] != IGN).any()) for t in kept)  # pseudo-labels were read
-    assert tile_bytes(vol) == np.prod(SHAPE) * (2 * 4 + 1 + 2 * 4 * K)

@@ -95,24 +95,6 @@ def _here(part: Any) -> np.ndarray:
     return np.asarray(part)
 
 
-def _whole(source: Any) -> np.ndarray:
-    """All of ``source`` (an array, a dask array or a :class:`FileDataset`) in memory."""
-    if isinstance(source, FileDataset):
-        whole = source[...]
-        source.close()
-        return whole
-    return _here(source)
-
-
-def tile_bytes(vol: LazyInput) -> int:
-    """Bytes :meth:`StoreTiles.preload` holds for ``vol``: the image and the label as stored,
-    and two float32 probability stores of its classes."""
-    voxels = int(np.prod(vol.shape))
-    image = int(vol.image.shape[0]) * np.dtype(vol.image.dtype).itemsize
-    label = np.dtype(vol.label.dtype).itemsize
-    return voxels * (image + label + 2 * 4 * int(vol.num_classes))
-
-
 class StoreTiles(PlaneTiles):
     """:class:`PlaneTiles` whose tiles are read from the stores: ``image`` ``(C, Z, Y, X)``
     (dask, array or :class:`FileDataset`), ``crossfit`` and ``full`` ``(K, Z, Y, X)`` zarr
@@ -176,19 +158,6 @@ class StoreTiles(PlaneTiles):
             )
         return self._stores
 
-    def preload(self) -> None:
-        """Read the image, the label and both stores whole into memory (where the caller has
-        found room for them): a tile is then a copy, where it decompressed the store chunks it
-        overlaps (~0.07 s of a 0.38 s step at 30 M voxels). The tiles are the same."""
-        import zarr
-
-        self.source_image = _whole(self.source_image)
-        self.source_label = _whole(self.source_label)
-        self._stores = (
-            zarr.open_array(self.crossfit_path, mode="r")[...],
-            zarr.open_array(self.full_path, mode="r")[...],
-        )
-
     def close(self) -> None:
         self._stores = None
         for source in (self.source_image, self.source_label):
@@ -241,13 +210,10 @@ def refine_network_blockwise(
     scratch: Path,
     facts: dict[str, Any],
     max_voxels: int = 1 << 62,
-    preload_bytes: int = 0,
 ) -> ZarrSink:
     """Train the refining network on tiles read from ``stores`` and predict it block by block;
     returns the store of the average with the forests (``(K, Z, Y, X)`` float32). A block
-    grown by the receptive field beyond ``max_voxels`` is predicted in overlapping slabs. The
-    training tiles' sources are read whole into memory where they take at most
-    ``preload_bytes`` (:func:`tile_bytes`), else tile by tile."""
+    grown by the receptive field beyond ``max_voxels`` is predicted in overlapping slabs."""
     import dask
     import dask.array as da
 
@@ -304,9 +270,6 @@ def refine_network_blockwise(
         opts.pseudo_threshold, per_class, pseudo, input_tile, seed=opts.seed,
         flip_axes=tuple(opts.flip_axes), centre_sampling=opts.centre_sampling,
     )  # fmt: skip
-    facts["tiles_in_memory"] = tile_bytes(vol) <= preload_bytes
-    if facts["tiles_in_memory"]:
-        tiles.preload()
     counts_k = np.asarray([len(i) for i in per_class])
     label_counts = np.repeat(np.arange(k), counts_k).astype(np.uint8)
     module = RefineModule(

@@ -189,7 +189,6 @@ def densify_file(
             final = refine_network_blockwise(
                 vol, grid, spec, stores, refine, engine, scratch, facts,
                 network_pass_voxels(plan, refine.max_voxels_per_pass),
-                preload_bytes=int(plan.budget_bytes * TILE_PRELOAD_FRACTION),
             )  # fmt: skip
         # labels and scores, block by block
         labels_path = scratch / "labels.zarr"
@@ -224,9 +223,6 @@ def densify_file(
     return VolumeRun(seg, png, plan, time.perf_counter() - t0, facts, scores)
 
 
-#: refine's network trains on tiles from the volume and the forests' stores held in memory
-#: where they take at most this fraction of the budget (the workers are idle meanwhile)
-TILE_PRELOAD_FRACTION = 0.25
 #: the filter features are kept on the scratch disk where they take at most this fraction of
 #: its free space (else each pass computes them again)
 DISK_KEEP_FRACTION = 0.5
