@@ -97,29 +97,39 @@ def kept_file(spec: FeatureSpec, region: Sequence[slice]) -> Path | None:
     if spec.keep_dir is None:
         return None
     name = "_".join(f"{int(r.start)}-{int(r.stop)}" for r in region)
-    return Path(spec.keep_dir) / f"{name}.npy"
+    return Path(spec.keep_dir) / f"{name}.f32"
+
+
+def _read_kept(path: Path, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (C-contiguous float32) with the raw features kept at ``path``: read into
+    the array itself, not memory-mapped (mapped pages would count in the worker's resident
+    memory, which its nanny watches, on top of the array they are copied into)."""
+    with open(path, "rb") as fh:
+        got = fh.readinto(memoryview(out).cast("B"))
+    if got != out.nbytes:
+        raise OSError(f"{path}: {got} bytes of kept features, expected {out.nbytes}")
+    return out
 
 
 def _base_features(image_ext, image_box, region, spec: FeatureSpec, out=None) -> np.ndarray:
-    """Filter features ``(F, *region)``: kept ones where ``spec`` keeps them (memory, or a
-    file read memory-mapped), else computed from the image (into ``out`` when given) and kept
+    """Filter features ``(F, *region)``: kept ones where ``spec`` keeps them (in memory, or in
+    a file read into ``out``), else computed from the image (into ``out`` when given) and kept
     for the later passes."""
     key = None
     if spec.cache is not None:
         key = (spec.cache, tuple((int(r.start), int(r.stop)) for r in region))
         if key in _CACHE:
             return _CACHE[key]
+    f = len(feature_names(len(spec.percentiles), spec.sigmas))
+    if out is None:
+        out = np.empty((f, *(r.stop - r.start for r in region)), np.float32)
     path = kept_file(spec, region)
     if path is not None and path.exists():
-        return np.load(path, mmap_mode="r")
+        return _read_kept(path, out)
     assert image_ext is not None, "the image is needed where no block features are kept"
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, image_box, strict=True)
     )
-    image_ext = np.asarray(image_ext)
-    f = len(feature_names(image_ext.shape[0], spec.sigmas))
-    if out is None:
-        out = np.empty((f, *(r.stop - r.start for r in region)), np.float32)
     voxel_features(
         image_ext,
         spec.voxel_size_zyx_um,
@@ -133,8 +143,8 @@ def _base_features(image_ext, image_box, region, spec: FeatureSpec, out=None) ->
     if key is not None:
         _CACHE[key] = out
     if path is not None:  # under a temporary name, then renamed: a reader never sees half
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
-        np.save(tmp, out)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        out.tofile(tmp)
         os.replace(tmp, path)
     return out
 
@@ -159,7 +169,8 @@ def block_features(
     # one array for the base and the context features: no concatenated copy of either
     out = np.empty((f + k * (1 + len(spec.context_sigmas)), *(r.stop - r.start for r in region)),
                    np.float32)  # fmt: skip
-    base = _base_features(image_ext, image_box, region, spec, None if spec.keeps else out[:f])
+    # features kept in memory need an array of their own, not a view that holds the context
+    base = _base_features(image_ext, image_box, region, spec, None if spec.cache else out[:f])
     if base.base is not out:
         out[:f] = base
     crop = tuple(
