@@ -511,3 +511,35 @@ def test_starting_the_local_cluster_leaves_this_process_environment_alone(monkey
     assert list(worker_env.values()) == ["1"]  # the worker itself still runs one thread
     assert "OMP_NUM_THREADS" not in os.environ
     assert os.environ["MKL_NUM_THREADS"] == "7"
+
+
+def test_features_are_kept_on_disk_only_where_it_has_room(tmp_path, monkeypatch):
+    """200 bytes per voxel of one channel (50 float32 features): kept where that is at most
+    half the scratch disk's free space, else computed again in each pass."""
+    import shutil
+    from collections import namedtuple
+
+    from sparse3d.densify import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    need = 4 * 50 * 1000  # one channel, the default five scales, 1000 voxels
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * need))
+    assert pipeline._disk_keep(tmp_path, 1, (0.7, 1.0, 1.6, 3.5, 5.0), (10, 10, 10)) == (
+        tmp_path / "features"
+    )
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * need - 1))
+    assert pipeline._disk_keep(tmp_path, 1, (0.7, 1.0, 1.6, 3.5, 5.0), (10, 10, 10)) is None
+
+
+def test_a_truncated_kept_features_file_is_an_error_not_garbage(tmp_path):
+    from sparse3d.densify.blockwise import kept_file
+
+    image, _, _ = _scene()
+    spec = FeatureSpec(SIGMAS, VOXEL, channel_percentiles(image), (), 1, keep_dir=str(tmp_path))
+    region = (slice(0, 8), slice(0, 8), slice(0, 8))
+    path = kept_file(spec, region)
+    path.write_bytes(b"\0" * 100)
+    from sparse3d.densify.blockwise import block_features
+
+    with pytest.raises(OSError, match="bytes of kept features"):
+        block_features(None, region, None, None, region, spec)

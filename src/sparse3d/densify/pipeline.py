@@ -61,9 +61,9 @@ def volume_plan(
     keep_features: bool = False,
 ) -> tuple[Plan, tuple[int, int, int]]:
     """The block plan of one volume and the halo its blocks are read with. ``keep_features``:
-    prefer threads of this process keeping each block's features between passes, where the
-    whole volume's features fit half the budget (the blocks then cost one feature computation
-    per stage, as in memory)."""
+    prefer threads of this process keeping each block's filter features between passes, where
+    the whole volume's fit half the budget (each block's are then computed once in the run, as
+    in memory)."""
     f_base = len(feature_names(channels, tuple(rf.sigmas)))
     halo = feature_halo(tuple(rf.sigmas), voxel_size_zyx_um)
     f = f_base
@@ -75,9 +75,9 @@ def volume_plan(
     if method == "refine" and refine.folds > 1:  # the fold forests predict in the same pass
         forest += refine.folds * forest_bytes(refine.fold_trees, classes, rf.samples_per_class)
     rows = 4 * f * classes * rf.samples_per_class * (1 + refine.folds)
-    kept = 4 * f * math.prod(shape)
+    kept = 4 * f_base * math.prod(shape)  # the filter features; the context is computed
     if keep_features and kept <= budget_bytes / 2:
-        try:  # threads of this process, each block's features computed once per stage
+        try:  # threads of this process, each block's features computed once in the run
             plan = plan_blocks(
                 shape, channels, f, classes, halo, workers, budget_bytes, forest, rows + kept,
                 block=block, in_process=True,

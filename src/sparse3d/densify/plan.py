@@ -63,8 +63,8 @@ class Plan:
     workers: int
     peak_bytes: int
     budget_bytes: int
-    #: the blocks run as threads of the main process, which keeps every block's features
-    #: between the passes of a stage (the whole volume's features fit half the budget)
+    #: the blocks run as threads of the main process, which keeps every block's filter
+    #: features between passes (the whole volume's fit half the budget)
     keep_features: bool = False
 
     def line(self) -> str:
