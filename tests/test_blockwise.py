@@ -18,8 +18,9 @@ from hydra import compose, initialize_config_dir
 from sparse3d.cli import CONF_DIR, UserError
 from sparse3d.data.normalize import channel_percentiles
 from sparse3d.data.volume import VolumeMeta, write_volume
+from sparse3d.densify.block_features import FeatureSpec
 from sparse3d.densify.blocks import BlockGrid, block_for_budget
-from sparse3d.densify.blockwise import FeatureSpec, LazyInput, stacked_forests_blockwise
+from sparse3d.densify.blockwise import LazyInput, stacked_forests_blockwise
 from sparse3d.densify.command import densify
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, voxel_features
@@ -105,10 +106,10 @@ def test_stacked_crossfit_forests_blockwise_equal_one_pass(tmp_path, cache):
 
 def _passes_and_filters(monkeypatch) -> list[list]:
     """``[[pass name, filter-feature computations in it]]`` of the blockwise runs that follow."""
-    from sparse3d.densify import blockwise
+    from sparse3d.densify import block_features
 
     passes: list[list] = []
-    original_run, original_features = Engine.run, blockwise.voxel_features
+    original_run, original_features = Engine.run, block_features.voxel_features
 
     def run(self, tasks, desc):
         passes.append([desc, 0])
@@ -119,7 +120,7 @@ def _passes_and_filters(monkeypatch) -> list[list]:
         return original_features(*args, **kwargs)
 
     monkeypatch.setattr(Engine, "run", run)
-    monkeypatch.setattr(blockwise, "voxel_features", features)
+    monkeypatch.setattr(block_features, "voxel_features", features)
     return passes
 
 
@@ -532,14 +533,12 @@ def test_features_are_kept_on_disk_only_where_it_has_room(tmp_path, monkeypatch)
 
 
 def test_a_truncated_kept_features_file_is_an_error_not_garbage(tmp_path):
-    from sparse3d.densify.blockwise import kept_file
+    from sparse3d.densify.block_features import block_features, kept_file
 
     image, _, _ = _scene()
     spec = FeatureSpec(SIGMAS, VOXEL, channel_percentiles(image), (), 1, keep_dir=str(tmp_path))
     region = (slice(0, 8), slice(0, 8), slice(0, 8))
     path = kept_file(spec, region)
     path.write_bytes(b"\0" * 100)
-    from sparse3d.densify.blockwise import block_features
-
     with pytest.raises(OSError, match="bytes of kept features"):
         block_features(None, region, None, None, region, spec)

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "densify.blocks": 1,
     "densify.engine": 1,
     "densify.blockwise": 1,
+    "densify.block_features": 1,
     "densify.stores": 1,
     "densify.network_lazy": 3,
     "predict": 3,

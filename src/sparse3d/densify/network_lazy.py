@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparse3d.densify.block_features import FeatureSpec
 from sparse3d.densify.blocks import BlockGrid, grow
-from sparse3d.densify.blockwise import FeatureSpec, LazyInput
+from sparse3d.densify.blockwise import LazyInput
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.network import PlaneTiles, fit_tile, predict_same_padded
 from sparse3d.densify.options import RefineOptions

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from sparse3d.densify.block_features import FeatureSpec
 from sparse3d.densify.blocks import BlockGrid
-from sparse3d.densify.blockwise import FeatureSpec, LazyInput, stacked_forests_blockwise
+from sparse3d.densify.blockwise import LazyInput, stacked_forests_blockwise
 from sparse3d.densify.engine import Engine
 from sparse3d.densify.features import feature_halo, feature_names
 from sparse3d.densify.forests import RandomForestSegmenter
