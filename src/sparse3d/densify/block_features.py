@@ -52,6 +52,11 @@ class FeatureSpec:
         return (r, r, r)
 
     @property
+    def filter_features(self) -> int:
+        """``F``: the filter features of a block (all channels, every scale)."""
+        return len(feature_names(len(self.percentiles), self.sigmas))
+
+    @property
     def keeps(self) -> bool:
         """Whether each block's filter features, once computed, serve every later pass (in
         memory or on disk): a block's features are then computed once in the whole run."""
@@ -96,9 +101,8 @@ def _base_features(image_ext, image_box, region, spec: FeatureSpec, out=None) ->
         key = (spec.cache, tuple((int(r.start), int(r.stop)) for r in region))
         if key in _CACHE:
             return _CACHE[key]
-    f = len(feature_names(len(spec.percentiles), spec.sigmas))
     if out is None:
-        out = np.empty((f, *(r.stop - r.start for r in region)), np.float32)
+        out = np.empty((spec.filter_features, *(r.stop - r.start for r in region)), np.float32)
     path = kept_file(spec, region)
     if path is not None and path.exists():
         return _read_kept(path, out)
@@ -140,14 +144,14 @@ def block_features(
         return _base_features(image_ext, image_box, region, spec)
     assert context_box is not None
     k = int(np.shape(context_ext)[0])
-    f = len(feature_names(len(spec.percentiles), spec.sigmas))
+    f = spec.filter_features
     # one array for the base and the context features: no concatenated copy of either
     out = np.empty((f + k * (1 + len(spec.context_sigmas)), *(r.stop - r.start for r in region)),
                    np.float32)  # fmt: skip
-    # features kept in memory need an array of their own, not a view that holds the context
-    base = _base_features(image_ext, image_box, region, spec, None if spec.cache else out[:f])
-    if base.base is not out:
-        out[:f] = base
+    if spec.cache is None:  # computed or read from the kept file straight into the array
+        _base_features(image_ext, image_box, region, spec, out[:f])
+    else:  # kept in memory as an array of their own (a view would hold the context too)
+        out[:f] = _base_features(image_ext, image_box, region, spec)
     crop = tuple(
         slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, context_box, strict=True)
     )
