@@ -542,3 +542,51 @@ def test_a_truncated_kept_features_file_is_an_error_not_garbage(tmp_path):
     path.write_bytes(b"\0" * 100)
     with pytest.raises(OSError, match="bytes of kept features"):
         block_features(None, region, None, None, region, spec)
+
+
+def test_a_local_cluster_makes_way_for_work_in_this_process():
+    """in_this_process closes a LocalCluster of this machine (once) and runs its tasks as as
+    many threads here; an engine on a scheduler elsewhere, or one without a cluster, stays."""
+    from sparse3d.densify.engine import cpu_count
+
+    closed = []
+    local = Engine(client=object(), workers=2, close_local=lambda: closed.append(1))
+    here = local.in_this_process()
+    assert closed == [1]
+    assert here.client is None and here.close_local is None
+    assert here.workers == 2 and here.threads_per_task == max(1, cpu_count() // 2)
+    assert here.in_this_process() is here and closed == [1]
+    remote = Engine(client=object(), workers=4)
+    assert remote.in_this_process() is remote
+    threads = Engine(workers=2)
+    assert threads.in_this_process() is threads
+
+
+@pytest.mark.slow
+def test_refine_network_runs_in_this_process_after_the_local_cluster_closes(
+    volume, tmp_path, monkeypatch
+):
+    """On a LocalCluster the forests run on its worker processes; the network then trains and
+    predicts with the cluster closed, and the segmentation is the threads engine's."""
+    import sparse3d.densify.network_lazy as network_lazy
+
+    seen = []
+    original = network_lazy.refine_network_blockwise
+
+    def spy(vol, grid, spec, stores, opts, engine, *args, **kwargs):
+        seen.append(engine.client)
+        return original(vol, grid, spec, stores, opts, engine, *args, **kwargs)
+
+    monkeypatch.setattr(network_lazy, "refine_network_blockwise", spy)
+    common = [
+        "method=refine", "refine.max_steps=4", "refine.fold_trees=4", "refine.input_tile=[16,32,32]",
+        "refine.batch_size=1", "block=[16,32,32]", "cluster.n_workers=2",
+    ]  # fmt: skip
+    cluster = densify(_cfg(tmp_path / "c", volume, *common, "cluster.processes=true"))
+    threads = densify(_cfg(tmp_path / "t", volume, *common, "cluster.kind=threads"))
+    assert "2 workers" in cluster["volumes"]["vol"]["plan"]
+    assert "threads" in threads["volumes"]["vol"]["plan"]
+    assert seen == [None, None]
+    np.testing.assert_array_equal(
+        _labels(tmp_path / "c" / "vol_seg.h5"), _labels(tmp_path / "t" / "vol_seg.h5")
+    )

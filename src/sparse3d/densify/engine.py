@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -38,6 +38,8 @@ class Engine:
         progress: draw a progress bar per pass.
         on_progress: ``(pass name, fraction done)`` after each block (a viewer's progress bar).
         should_stop: polled after each block; True cancels the rest of the pass.
+        close_local: closes ``client``'s cluster where it is a LocalCluster of this machine
+            (None for any other engine); see :meth:`in_this_process`.
     """
 
     client: Any = None
@@ -46,6 +48,26 @@ class Engine:
     progress: bool = True
     on_progress: Callable[[str, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    close_local: Callable[[], None] | None = None
+
+    def in_this_process(self) -> Engine:
+        """The engine for passes that share the machine with work in this process (refine's
+        network trains here): a LocalCluster of this machine is closed and its tasks run as
+        as many threads of this process; any other engine is returned as it is.
+
+        An idle LocalCluster is not free: its scheduler's event loop runs in this process and
+        its worker processes keep waking, and on a 2-core machine that slowed each training
+        step by 15-20 % and the network's prediction by ~1.6x (4 M voxels, 150 steps, 8 blocks:
+        58.5-61.0 s against 50.8 s; ``experiments/results/densify_scaling.md``).
+        """
+        if self.client is None or self.close_local is None:
+            return self
+        self.close_local()
+        workers = max(1, self.workers)
+        return replace(
+            self, client=None, threads_per_task=max(1, cpu_count() // workers),
+            close_local=None,
+        )  # fmt: skip
 
     def share(self, obj: Any) -> Any:
         """``obj`` (a fitted forest, a network) as an argument of many tasks of a pass: sent
@@ -233,9 +255,18 @@ def open_client(
     else:
         raise ValueError(f"unknown cluster kind {kind!r}")
     client = Client(cluster)
+    closed = []
 
-    def close() -> None:
-        client.close()
-        cluster.close()
+    def close() -> None:  # once, whoever calls it first; its workers' farewells not logged
+        if not closed:
+            closed.append(True)
+            quiet = logging.getLogger("distributed")
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)
+            try:
+                client.close()
+                cluster.close()
+            finally:
+                quiet.setLevel(level)
 
     return client, close

@@ -101,7 +101,8 @@ def open_engine(
     if link:
         log.info("dask dashboard: %s", link)
     n = len(client.scheduler_info().get("workers", {})) or workers
-    return Engine(client, n, 1, progress), close
+    own = close if kind == "local" else None  # this machine's: in_this_process may close it
+    return Engine(client, n, 1, progress, close_local=own), close
 
 
 def summary_of(options: Options) -> dict[str, Any]:
