@@ -590,3 +590,40 @@ def test_refine_network_runs_in_this_process_after_the_local_cluster_closes(
     np.testing.assert_array_equal(
         _labels(tmp_path / "c" / "vol_seg.h5"), _labels(tmp_path / "t" / "vol_seg.h5")
     )
+
+
+@pytest.mark.slow
+def test_a_terminated_run_removes_its_scratch(volume, tmp_path):
+    """SIGTERM (``kill``, a batch system's time limit) in the middle of a run: densify leaves
+    through Python's exit, so its scratch folder (stores, kept features: gigabytes on a real
+    volume) is removed, as after Ctrl-C; no segmentation is written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "-m", "sparse3d.densify", "method=refine", f"inputs=[{volume}]",
+        f"out={out}", "logger=none", "rf.n_trees=12", "rf.n_jobs=1", "rf.samples_per_class=400",
+        "rf.sigmas=[0.7,1.6,3.0]", "refine.fold_trees=4", "refine.input_tile=[16,32,32]",
+        "refine.max_steps=100000", "block=[16,32,32]", "cluster.kind=threads",
+    ]  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("sparse3d-*/*.zarr")):  # a pass has written a store
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no store appeared in two minutes"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM  # stopped mid-run, not finished
+    assert not list(scratch.glob("sparse3d-*"))
+    assert not list(out.glob("*_seg.h5"))

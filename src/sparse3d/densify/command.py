@@ -282,7 +282,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
 register_configs()
 
 
+def _exit_on_sigterm() -> None:
+    """A run ended by SIGTERM (``kill``, a batch system's time limit) leaves through Python's
+    normal exit, as Ctrl-C does: its scratch folder (the forests' stores and the kept features,
+    gigabytes of ``$TMPDIR``) is removed and its local cluster closed on the way out."""
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
+    _exit_on_sigterm()
     run_hydra("densify", lambda cfg: _print_summary(densify(cfg)), check=read_options)
 
 
