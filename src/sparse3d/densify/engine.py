@@ -63,6 +63,7 @@ class Engine:
         if self.client is None or self.close_local is None:
             return self
         self.close_local()
+        log.info("the local cluster is closed: the next passes run as threads of this process")
         workers = max(1, self.workers)
         return replace(
             self, client=None, threads_per_task=max(1, cpu_count() // workers),

@@ -187,8 +187,6 @@ def densify_file(
         if method == "refine" and refine.max_steps > 0:
             from sparse3d.densify.network_lazy import refine_network_blockwise
 
-            if engine.close_local is not None:
-                log.info("network: in this process's threads (the local cluster is closed)")
             engine = engine.in_this_process()
             final = refine_network_blockwise(
                 vol, grid, spec, stores, refine, engine, scratch, facts,
