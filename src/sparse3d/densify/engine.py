@@ -166,10 +166,11 @@ class Engine:
 #: glibc malloc settings of densify's worker processes, in their environment before they start.
 #: dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` by default, and any such setting turns off
 #: glibc's adaptive mmap threshold: every array over 128 KiB became a fresh mapping that the
-#: kernel zeroes page by page. A block's ~185 filter passes then page-faulted 6 M times, and a
-#: 4.4 M-voxel block's features took 16 s against 9-11 s. Here arrays up to 32 MiB come from
-#: the heap and up to 64 MiB of freed heap is kept (measured at 30 M voxels, refine's forests:
-#: 291 -> 234 s, peak 4.1 -> 4.7 GB; ``experiments/results/densify_scaling.md``).
+#: kernel zeroes page by page. A block's ~185 filter passes then page-faulted 3 M times, and a
+#: 4.4 M-voxel block's features took 15 s against 9-11 s. Here arrays up to 32 MiB come from
+#: the heap and up to 64 MiB of freed heap is kept: the forests run 1.1-1.4x faster for 0.4-0.6 GB
+#: more per worker, within the plan (``experiments/bench_worker_malloc.py``,
+#: ``experiments/results/densify_scaling.md``).
 WORKER_MALLOC: dict[str, int] = {
     "MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
     "MALLOC_TRIM_THRESHOLD_": 64 * 2**20,
