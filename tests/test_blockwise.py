@@ -543,6 +543,14 @@ def test_slurm_jobs_export_the_worker_malloc_settings_before_the_users_prologue(
         "module load foo",
     ]
     assert slurm_arguments(None)["job_script_prologue"][0].startswith("export MALLOC_")
+    # a prologue from the user's jobqueue config, or under its older name, is kept too
+    import dask
+
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load bar"]}):
+        assert slurm_arguments({})["job_script_prologue"][-1] == "module load bar"
+    args = slurm_arguments({"env_extra": ["source env.sh"]})
+    assert "env_extra" not in args
+    assert args["job_script_prologue"][-1] == "source env.sh"
 
 
 def test_features_are_kept_on_disk_only_where_it_has_room(tmp_path, monkeypatch):

@@ -179,11 +179,21 @@ WORKER_MALLOC: dict[str, int] = {
 
 def slurm_arguments(slurm: dict[str, Any] | None) -> dict[str, Any]:
     """dask-jobqueue's ``SLURMCluster`` keyword arguments: the user's ``slurm``, with the job
-    script exporting :data:`WORKER_MALLOC` before the user's own ``job_script_prologue``
-    (a variable set in the job's environment takes precedence over the nanny's default)."""
+    script exporting :data:`WORKER_MALLOC` before the user's own prologue (a variable set in the
+    job's environment takes precedence over the nanny's default). The user's prologue is their
+    ``job_script_prologue``, else the one of their jobqueue config, else their ``env_extra``
+    (its older name)."""
+    import dask
+
     out = dict(slurm or {})
+    older = out.pop("env_extra", None)
+    own = out.get("job_script_prologue")
+    if own is None:
+        own = dask.config.get("jobqueue.slurm.job-script-prologue", None)
+    if not own:
+        own = older or dask.config.get("jobqueue.slurm.env-extra", None)
     exports = [f"export {k}={v}" for k, v in WORKER_MALLOC.items()]
-    out["job_script_prologue"] = exports + list(out.get("job_script_prologue") or [])
+    out["job_script_prologue"] = exports + list(own or [])
     return out
 
 
