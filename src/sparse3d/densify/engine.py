@@ -278,12 +278,13 @@ def open_client(
         # spilling has nothing to move, its warning ("may indicate a memory leak") only alarms,
         # and a paused worker would wait for memory that the block still holds. The plan
         # sizes blocks to the share; the nanny's terminate threshold stays as the last guard.
-        quiet: dict[str, Any] = {
+        # The workers also start with WORKER_MALLOC beside dask's other pre-spawn variables.
+        settings: dict[str, Any] = {
             f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause")
         }
         environ = dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}
-        quiet["distributed.nanny.pre-spawn-environ"] = {**environ, **WORKER_MALLOC}
-        with dask.config.set(quiet), _own_environment():
+        settings["distributed.nanny.pre-spawn-environ"] = {**environ, **WORKER_MALLOC}
+        with dask.config.set(settings), _own_environment():
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,
