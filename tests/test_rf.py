@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sparse3d.densify import features
 from sparse3d.densify.features import feature_names, symmetric_eigvals3, voxel_features
 from sparse3d.densify.forests import RandomForestSegmenter, segment_rf
 from sparse3d.metrics import confusion_matrix, iou_summary
@@ -93,6 +94,22 @@ def test_symmetric_eigvals_match_numpy():
     got = symmetric_eigvals3(m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2])
     expected = np.linalg.eigvalsh(m)[:, ::-1].T
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [1 << 18, 30, 4])  # whole slabs, part of a plane, part of a row
+def test_symmetric_eigvals_of_strided_views_in_pieces(monkeypatch, limit):
+    """Views cut from bigger arrays (as a block's core is) are read piece by piece without a
+    flat copy: every voxel is computed once, as numpy's solver and the contiguous copy say."""
+    monkeypatch.setattr(features, "_EIG_BLOCK", limit)
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(6, 5, 7, 9))  # a11, a22, a33, a12, a13, a23 of a matrix per voxel
+    views = [a.astype(np.float32)[1:4, ::2, 2:8] for a in m]
+    assert not views[0].flags.c_contiguous
+    out = np.full((3, 3, 4, 6), np.nan, dtype=np.float32)
+    got = symmetric_eigvals3(*views, out=out)
+    np.testing.assert_array_equal(got, symmetric_eigvals3(*[v.copy() for v in views]))
+    d = np.stack([views[i] for i in (0, 3, 4, 3, 1, 5, 4, 5, 2)], axis=-1).reshape(3, 4, 6, 3, 3)
+    np.testing.assert_allclose(got, np.moveaxis(np.linalg.eigvalsh(d)[..., ::-1], -1, 0), atol=1e-5)
 
 
 def _blob(step_z: float) -> np.ndarray:

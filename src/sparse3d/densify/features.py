@@ -200,6 +200,24 @@ def feature_halo(
     return tuple(out)  # type: ignore[return-value]
 
 
+def _chunks(shape: Sequence[int], limit: int) -> Iterator[tuple[int | slice, ...]]:
+    """Indices that cover an array of ``shape`` in pieces of at most ``limit`` elements, each
+    a run of whole sub-arrays along the first axes: slicing a strided view by one copies no
+    more than that piece."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if inner <= limit or len(shape) == 1:
+        step = max(1, limit // max(inner, 1))
+        for s in range(0, shape[0], step):
+            yield (slice(s, min(shape[0], s + step)),)
+        return
+    for i in range(shape[0]):
+        for rest in _chunks(shape[1:], limit):
+            yield (i, *rest)
+
+
 def symmetric_eigvals3(
     a11: np.ndarray,
     a22: np.ndarray,
@@ -218,12 +236,9 @@ def symmetric_eigvals3(
     shape = np.shape(a11)
     if out is None:
         out = np.empty((3, *shape), dtype=np.float32)
-    flat_in = [np.asarray(a).reshape(-1) for a in (a11, a22, a33, a12, a13, a23)]
-    flat_out = out.reshape(3, -1)
-    n = flat_in[0].size
-    for s in range(0, n, _EIG_BLOCK):
-        e = min(n, s + _EIG_BLOCK)
-        d1, d2, d3, o12, o13, o23 = (a[s:e].astype(np.float64) for a in flat_in)
+    ins = [np.asarray(a) for a in (a11, a22, a33, a12, a13, a23)]
+    for idx in _chunks(shape, _EIG_BLOCK):
+        d1, d2, d3, o12, o13, o23 = (a[idx].astype(np.float64) for a in ins)
         q = (d1 + d2 + d3) / 3.0
         d1 -= q
         d2 -= q
@@ -239,9 +254,9 @@ def symmetric_eigvals3(
         phi = np.arccos(r) / 3.0
         big = q + 2.0 * p * np.cos(phi)
         small = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
-        flat_out[0, s:e] = big
-        flat_out[1, s:e] = 3.0 * q - big - small
-        flat_out[2, s:e] = small
+        out[(0, *idx)] = big
+        out[(1, *idx)] = 3.0 * q - big - small
+        out[(2, *idx)] = small
     return out
 
 
