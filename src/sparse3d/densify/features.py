@@ -208,7 +208,7 @@ def _chunks(shape: Sequence[int], limit: int) -> Iterator[tuple[int | slice, ...
         yield ()
         return
     inner = math.prod(shape[1:])
-    if inner <= limit or len(shape) == 1:
+    if inner <= limit:
         step = max(1, limit // max(inner, 1))
         for s in range(0, shape[0], step):
             yield (slice(s, min(shape[0], s + step)),)
